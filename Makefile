@@ -1,0 +1,46 @@
+# Two commands: `make run` (the default study) and `make test` (the test suite).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: run test venv data bench lint clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml constraints.txt
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+data:
+	@if [ -n "$$LOSSGLASS_DATA" ] && [ -d "$$LOSSGLASS_DATA" ]; then \
+	  echo "using LOSSGLASS_DATA=$$LOSSGLASS_DATA"; \
+	elif [ -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  echo "Fashion-MNIST found in $(FMNIST)"; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) || \
+	  { echo "could not install dataset-fashion-mnist with apt; download the four Fashion-MNIST IDX files and set LOSSGLASS_DATA=/their/folder"; exit 1; }; \
+	else \
+	  echo "Fashion-MNIST is missing: as root run 'apt-get install dataset-fashion-mnist', or put the four IDX files in a folder and set LOSSGLASS_DATA=/that/folder"; exit 1; \
+	fi
+
+run: venv data
+	$(BIN)/lossglass run --preset quickstart --out runs/quickstart
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check src tests benchmarks
+
+bench: venv data
+	$(PIP) -r benchmarks/requirements.txt
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

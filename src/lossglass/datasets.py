@@ -1,0 +1,250 @@
+"""Data sets as float32 tensors: IDX (MNIST, Fashion-MNIST), CIFAR-10 pickles, scikit-learn digits, and a
+synthetic teacher-student task. Every loader checks what it reads and names the file and the problem."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import LossglassError, check, choice
+
+DEFAULT_DIRS = {
+    "fashion-mnist": ["/usr/share/datasets/fashion-mnist"],
+    "mnist": ["/usr/share/datasets/mnist"],
+    "cifar10": [],
+}
+NAMES = ("fashion-mnist", "mnist", "digits", "teacher", "cifar10")
+
+
+@dataclass
+class Dataset:
+    """A classification data set: inputs flattened to ``(N, D)`` float32, labels ``(N,)`` int64."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    n_classes: int
+    shape: tuple[int, ...] = ()  # the shape of one input before flattening, e.g. (1, 28, 28)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def in_dim(self) -> int:
+        return int(self.x_train.shape[1])
+
+    def __repr__(self) -> str:
+        return (f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
+                f"classes={self.n_classes})")
+
+
+# ---------------------------------------------------------------- IDX
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
+               0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """Read an IDX file (gzipped or raw): magic ``0x0000TTNN`` with type TT and NN dimensions, big-endian
+    sizes, then the data. Raises :class:`LossglassError` naming the file on any inconsistency."""
+    path = Path(path)
+    check(path.is_file(), f"{path}: file not found")
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as e:
+            raise LossglassError(f"{path}: corrupt gzip data ({e})") from None
+    check(len(raw) >= 4, f"{path}: too short to be an IDX file ({len(raw)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    check(zero == 0 and dtype_code in _IDX_DTYPES and 1 <= ndim <= 4,
+          f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x000008NN for unsigned bytes)")
+    check(len(raw) >= 4 + 4 * ndim, f"{path}: truncated IDX header")
+    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+    dtype = np.dtype(_IDX_DTYPES[dtype_code])
+    n = int(np.prod(dims)) * dtype.itemsize
+    body = raw[4 + 4 * ndim:]
+    check(len(body) == n, f"{path}: header says shape {dims} ({n} bytes of data) but the file holds {len(body)}")
+    return np.frombuffer(body, dtype=dtype).reshape(dims)
+
+
+def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` (uint8) as an IDX file, gzipped when the name ends in ``.gz`` (used by tests)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(">" + "I" * array.ndim, *array.shape)
+    data += array.tobytes()
+    path = Path(path)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def _find(folder: Path, stem: str) -> Path:
+    for name in (stem, stem + ".gz", stem.replace("-idx", ".idx"), stem.replace("-idx", ".idx") + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    raise LossglassError(f"{folder}: missing {stem}[.gz]")
+
+
+def _data_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
+    candidates: list[Path] = []
+    if data_dir is not None:
+        candidates = [Path(data_dir)]
+    else:
+        env = os.environ.get("LOSSGLASS_DATA")
+        if env:
+            candidates += [Path(env) / name, Path(env)]
+        candidates += [Path(p) for p in DEFAULT_DIRS.get(name, [])]
+    for c in candidates:
+        if c.is_dir() and any(c.iterdir()):
+            return c
+    hint = {"fashion-mnist": "as root run 'apt-get install dataset-fashion-mnist', or ",
+            "mnist": "", "cifar10": ""}[name]
+    tried = ", ".join(str(c) for c in candidates) or "nowhere"
+    raise LossglassError(f"data set {name!r} not found (looked in {tried}); {hint}put its files in a folder "
+                         f"and pass data_dir=... or set LOSSGLASS_DATA")
+
+
+def _load_idx_set(name: str, folder: Path) -> tuple[np.ndarray, ...]:
+    out = []
+    for split in ("train", "t10k"):
+        xi = _find(folder, f"{split}-images-idx3-ubyte")
+        yi = _find(folder, f"{split}-labels-idx1-ubyte")
+        x, y = read_idx(xi), read_idx(yi)
+        check(x.ndim == 3, f"{xi}: expected a 3-D image array (N, rows, cols), got shape {x.shape}")
+        check(y.ndim == 1, f"{yi}: expected a 1-D label array, got shape {y.shape}")
+        check(len(x) == len(y), f"{xi} holds {len(x)} images but {yi} holds {len(y)} labels")
+        check(y.size == 0 or int(y.max()) < 10, f"{yi}: label {int(y.max())} out of range 0..9")
+        out += [x, y]
+    check(out[0].shape[1:] == out[2].shape[1:],
+          f"{folder}: train images are {out[0].shape[1:]} but test images are {out[2].shape[1:]}")
+    return tuple(out)
+
+
+# ---------------------------------------------------------------- CIFAR-10 (pickles, read safely)
+class _SafeUnpickler(pickle.Unpickler):
+    """Only the classes a CIFAR-10 batch needs: a pickle from elsewhere cannot run code."""
+
+    _ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+                ("numpy._core.multiarray", "scalar"), ("builtins", "bytes"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in self._ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    check(path.is_file(), f"{path}: CIFAR-10 batch file not found")
+    try:
+        d = _SafeUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+    except Exception as e:  # noqa: BLE001 - any failure here is a bad file
+        raise LossglassError(f"{path}: not a CIFAR-10 python batch ({e})") from None
+    check(isinstance(d, dict), f"{path}: expected a dict, got {type(d).__name__}")
+    d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
+    check("data" in d and "labels" in d, f"{path}: missing 'data' or 'labels' (keys: {sorted(d)})")
+    x = np.asarray(d["data"])
+    y = np.asarray(d["labels"], dtype=np.int64)
+    check(x.ndim == 2 and x.shape[1] == 3072, f"{path}: 'data' must be (N, 3072), got {x.shape}")
+    check(len(x) == len(y), f"{path}: {len(x)} images but {len(y)} labels")
+    return x.astype(np.uint8), y
+
+
+def _load_cifar(folder: Path) -> tuple[np.ndarray, ...]:
+    train = [folder / f"data_batch_{i}" for i in range(1, 6)]
+    present = [p for p in train if p.is_file()]
+    check(len(present) > 0, f"{folder}: no CIFAR-10 data_batch_1..5 files")
+    xs, ys = zip(*[_cifar_batch(p) for p in present])
+    xt, yt = _cifar_batch(folder / "test_batch")
+    return np.concatenate(xs), np.concatenate(ys), xt, yt
+
+
+# ---------------------------------------------------------------- synthetic and bundled
+def teacher(n_train: int = 2000, n_test: int = 1000, *, in_dim: int = 50, width: int = 20,
+            n_classes: int = 4, seed: int = 0) -> Dataset:
+    """Teacher-student data: x ~ N(0, I_D), label = argmax_c [W2 relu(W1 x / sqrt(D) + b1)]_c with a random
+    teacher (W1, b1, W2 Gaussian). The same seed gives the same teacher and the same samples."""
+    for k, v in dict(n_train=n_train, n_test=n_test, in_dim=in_dim, width=width, n_classes=n_classes).items():
+        check(int(v) > 0, f"teacher: {k} must be positive, got {v}")
+    check(n_classes >= 2, f"teacher: n_classes must be at least 2, got {n_classes}")
+    g = torch.Generator().manual_seed(int(seed))
+    w1 = torch.randn(width, in_dim, generator=g)
+    b1 = torch.randn(width, generator=g) * 0.5
+    w2 = torch.randn(n_classes, width, generator=g)
+    x = torch.randn(n_train + n_test, in_dim, generator=g)
+    y = (torch.relu(x @ w1.T / in_dim**0.5 + b1) @ w2.T).argmax(1)
+    return Dataset("teacher", x[:n_train].contiguous(), y[:n_train].contiguous(), x[n_train:].contiguous(),
+                   y[n_train:].contiguous(), n_classes, (in_dim,),
+                   {"in_dim": in_dim, "width": width, "seed": seed})
+
+
+def _subset(n_avail: int, n: int | None, g: torch.Generator, what: str) -> torch.Tensor:
+    if n is None:
+        return torch.arange(n_avail)
+    check(isinstance(n, int) and n > 0, f"{what} must be a positive integer, got {n!r}")
+    check(n <= n_avail, f"{what}={n} but only {n_avail} samples are available")
+    return torch.randperm(n_avail, generator=g)[:n].sort().values
+
+
+def load(name: str, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
+         data_dir: str | os.PathLike | None = None, **kwargs) -> Dataset:
+    """Load a data set by name: ``fashion-mnist``, ``mnist``, ``cifar10`` (files from ``data_dir``,
+    ``$LOSSGLASS_DATA`` or the Debian folder), ``digits`` (scikit-learn's) or ``teacher`` (synthetic).
+
+    Inputs are scaled x -> (x/255 - mu)/sigma with the scalar mean and standard deviation of the training
+    set, flattened and float32. ``n_train``/``n_test`` take a deterministic random subset (``seed``).
+    """
+    choice("data set", name, NAMES)
+    if name == "teacher":
+        return teacher(n_train or 2000, n_test or 1000, seed=seed, **kwargs)
+    check(not kwargs, f"unexpected arguments for {name!r}: {sorted(kwargs)}")
+    if name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x_all, y_all = d.data.astype(np.float32) / 16.0, d.target.astype(np.int64)
+        perm = np.random.default_rng(12345).permutation(len(x_all))  # fixed split, independent of seed
+        cut = int(0.8 * len(x_all))
+        xtr, ytr, xte, yte = x_all[perm[:cut]], y_all[perm[:cut]], x_all[perm[cut:]], y_all[perm[cut:]]
+        shape, scale = (1, 8, 8), 1.0
+    elif name == "cifar10":
+        xtr, ytr, xte, yte = _load_cifar(_data_dir(name, data_dir))
+        shape, scale = (3, 32, 32), 255.0
+    else:
+        xtr, ytr, xte, yte = _load_idx_set(name, _data_dir(name, data_dir))
+        shape, scale = (1, *xtr.shape[1:]), 255.0
+    g = torch.Generator().manual_seed(int(seed))
+    itr = _subset(len(xtr), n_train, g, "n_train")
+    ite = _subset(len(xte), n_test, g, "n_test")
+    xtr_t = torch.as_tensor(np.asarray(xtr, dtype=np.float32).reshape(len(xtr), -1))[itr] / scale
+    xte_t = torch.as_tensor(np.asarray(xte, dtype=np.float32).reshape(len(xte), -1))[ite] / scale
+    mu, sd = xtr_t.mean(), xtr_t.std().clamp_min(1e-8)
+    xtr_t, xte_t = (xtr_t - mu) / sd, (xte_t - mu) / sd
+    ytr_t = torch.as_tensor(np.asarray(ytr, dtype=np.int64))[itr]
+    yte_t = torch.as_tensor(np.asarray(yte, dtype=np.int64))[ite]
+    n_classes = int(max(ytr_t.max().item(), yte_t.max().item() if len(yte_t) else 0)) + 1
+    n_classes = max(n_classes, 10) if name != "digits" else 10
+    return Dataset(name, xtr_t.contiguous(), ytr_t, xte_t.contiguous(), yte_t, n_classes, shape,
+                   {"mean": float(mu), "std": float(sd), "seed": seed})
+
+
+def from_tensors(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
+                 n_classes: int | None = None, name: str = "custom") -> Dataset:
+    """Wrap user tensors as a :class:`Dataset`, checking shapes, dtypes and finiteness."""
+    xs = []
+    for what, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        x, y = torch.as_tensor(x), torch.as_tensor(y)
+        check(x.ndim >= 2, f"x_{what} must have shape (N, ...), got {tuple(x.shape)}")
+        check(y.ndim == 1 and len(y) == len(x), f"y_{what} must have shape ({len(x)},), got {tuple(y.shape)}")
+        check(not torch.is_floating_point(y), f"y_{what} must hold integer class labels, got {y.dtype}")
+        x = x.reshape(len(x), -1).float()
+        check(bool(torch.isfinite(x).all()), f"x_{what} holds NaN or inf values")
+        xs += [x.contiguous(), y.long()]
+    k = n_classes or int(max(xs[1].max(), xs[3].max())) + 1
+    return Dataset(name, *xs, n_classes=k, shape=tuple(torch.as_tensor(x_train).shape[1:]))

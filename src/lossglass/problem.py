@@ -1,0 +1,417 @@
+"""The energy: a model, a data set and a loss seen as a function E(theta) of a flat parameter vector,
+evaluated for a batch of K replicas ``(K, P)`` in one vectorised pass, chunked over the data.
+
+For an MLP (``nn.Sequential`` of ``Linear`` and element-wise activations) the pass is hand-batched
+matrix products: the first layer of all K replicas is one GEMM ``X (N, D) @ [W_1 ... W_K]^T``, the later
+layers one ``bmm``. Any other module goes through ``torch.func.functional_call`` + ``vmap``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._util import as_batch, check_finite, resolve_device, seed_for
+from .datasets import Dataset
+from .errors import LossglassError, check, choice
+
+LOSSES = ("cross_entropy", "mse")
+_ACTS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
+    nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.GELU: F.gelu,
+    nn.Identity: lambda z: z, nn.Flatten: lambda z: z,
+}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """Where one parameter tensor lives inside the flat vector."""
+
+    name: str
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.offset, self.offset + self.numel)
+
+
+@dataclass(frozen=True)
+class _Linear:
+    w: ParamInfo
+    b: ParamInfo | None
+
+
+def _mlp_plan(model: nn.Module) -> list | None:
+    """The layer plan of a plain MLP, or None when the model is anything else (generic vmap path)."""
+    if not isinstance(model, nn.Sequential):
+        return None
+    plan, names = [], dict(model.named_parameters())
+    for idx, m in model.named_children():
+        if isinstance(m, nn.Linear):
+            w = names[f"{idx}.weight"]
+            plan.append(("linear", f"{idx}.weight", f"{idx}.bias" if m.bias is not None else None, w.shape))
+        elif type(m) in _ACTS:
+            plan.append(("act", _ACTS[type(m)]))
+        else:
+            return None
+    return plan if plan and plan[0][0] == "linear" else None
+
+
+class Problem:
+    """E(theta) = (1/N) sum_n loss(f_theta(x_n), y_n) over the training set, for K replicas at once.
+
+    ``theta`` is ``(P,)`` for one network or ``(K, P)`` for K replicas; every method accepts both and
+    returns per-replica results. Data are processed in chunks so that peak memory stays near
+    ``memory_mb`` whatever K and N.
+    """
+
+    def __init__(self, model: nn.Module, dataset: Dataset, loss: str = "cross_entropy", device: str = "auto",
+                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0):
+        check(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check(isinstance(dataset, Dataset), f"dataset must be a lossglass Dataset, got {type(dataset).__name__}")
+        self.loss_name = choice("loss", loss, LOSSES)
+        self.device = resolve_device(device)
+        self.dtype = dtype
+        self.model = copy.deepcopy(model).to(self.device, dtype)
+        self.dataset = dataset
+        self.memory_mb = float(memory_mb)
+        self.params: list[ParamInfo] = []
+        off = 0
+        for name, p in self.model.named_parameters():
+            self.params.append(ParamInfo(name, tuple(p.shape), off))
+            off += p.numel()
+        check(off > 0, "model has no parameters")
+        self.n_params = off
+        self._info = {p.name: p for p in self.params}
+        self.buffers = {k: v for k, v in self.model.named_buffers()}
+        self.data = {
+            "train": (dataset.x_train.to(self.device, dtype), dataset.y_train.to(self.device)),
+            "test": (dataset.x_test.to(self.device, dtype), dataset.y_test.to(self.device)),
+        }
+        with torch.no_grad():
+            out = self.model(self.data["train"][0][:2])
+        check(out.ndim == 2 and out.shape[1] == dataset.n_classes,
+              f"model outputs shape {tuple(out.shape)} for 2 inputs of size {dataset.in_dim}; expected "
+              f"(2, {dataset.n_classes}) for {dataset.n_classes} classes")
+        raw = _mlp_plan(self.model)
+        self._plan = None if raw is None else [
+            ("linear", _Linear(self._info[r[1]], self._info[r[2]] if r[2] else None)) if r[0] == "linear" else r
+            for r in raw]
+        self._width = max([p.shape[0] for p in self.params if len(p.shape) == 2] + [dataset.n_classes])
+
+    # ------------------------------------------------------------------ construction helpers
+    @staticmethod
+    def from_function(fn: Callable[[torch.Tensor], torch.Tensor], n_params: int, **kwargs) -> FunctionProblem:
+        """A Problem whose energy is any function ``fn: (K, P) -> (K,)`` (reference landscapes, tests)."""
+        return FunctionProblem(fn, n_params, **kwargs)
+
+    @property
+    def is_mlp(self) -> bool:
+        return self._plan is not None
+
+    def __repr__(self) -> str:
+        return (f"Problem({type(self.model).__name__}, {self.dataset.name}, P={self.n_params}, "
+                f"loss={self.loss_name}, device={self.device})")
+
+    # ------------------------------------------------------------------ parameters <-> flat vectors
+    def unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Views of ``theta`` as the model's named parameters, ``(K, *shape)`` or ``(*shape)``."""
+        lead = theta.shape[:-1]
+        return {p.name: theta[..., p.slice].reshape(*lead, *p.shape) for p in self.params}
+
+    def flatten(self, params: dict[str, torch.Tensor] | nn.Module) -> torch.Tensor:
+        """A flat ``(P,)`` vector from a module or a ``{name: tensor}`` mapping (the inverse of unflatten)."""
+        if isinstance(params, nn.Module):
+            params = dict(params.named_parameters())
+        missing = [p.name for p in self.params if p.name not in params]
+        check(not missing, f"parameters missing: {missing}")
+        parts = []
+        for p in self.params:
+            t = params[p.name]
+            check(tuple(t.shape) == p.shape, f"parameter {p.name!r} has shape {tuple(t.shape)}, expected {p.shape}")
+            parts.append(t.detach().reshape(-1).to(self.device, self.dtype))
+        return torch.cat(parts)
+
+    def init(self, n_replicas: int, seed: int = 0, *, ids=None) -> torch.Tensor:
+        """``(K, P)`` initial parameters: replica k gets the model's own initialisation (``reset_parameters``)
+        under the seed mixed from ``(seed, ids[k])`` (ids default 0..K-1), so a replica is the same whatever
+        K is or whichever group it is trained in."""
+        check(isinstance(n_replicas, int) and n_replicas > 0, f"n_replicas must be a positive int, got {n_replicas}")
+        ids = list(range(n_replicas)) if ids is None else list(ids)
+        m = copy.deepcopy(self.model).cpu()
+        out = torch.empty(n_replicas, self.n_params, dtype=self.dtype)
+        for k, rid in enumerate(ids):  # RNG only: one seeded re-initialisation per replica
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed_for(seed, 7, rid))
+                for mod in m.modules():
+                    if hasattr(mod, "reset_parameters"):
+                        mod.reset_parameters()
+            out[k] = torch.cat([p.detach().reshape(-1) for p in m.parameters()]).to(self.dtype)
+        return out.to(self.device)
+
+    def to_module(self, theta: torch.Tensor) -> nn.Module:
+        """A standalone copy of the model holding the parameters ``theta`` (P,)."""
+        m = copy.deepcopy(self.model)
+        with torch.no_grad():
+            for name, t in self.unflatten(theta.to(self.device, self.dtype)).items():
+                m.get_parameter(name).copy_(t)
+        return m
+
+    # ------------------------------------------------------------------ the batched forward pass
+    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Outputs of K networks: ``x`` is ``(N, D)`` shared by all replicas or ``(K, N, D)`` one batch each;
+        returns ``(K, N, C)``."""
+        if self._plan is None:
+            return self._forward_vmap(theta, x)
+        return self._forward_mlp(theta, x)
+
+    def _linear(self, theta: torch.Tensor, layer: _Linear, h: torch.Tensor) -> torch.Tensor:
+        k = theta.shape[0]
+        out_dim, in_dim = layer.w.shape
+        w = theta[:, layer.w.slice].view(k, out_dim, in_dim)
+        if h.ndim == 2:  # shared input: one GEMM for all replicas
+            n = h.shape[0]
+            z = (h @ w.reshape(k * out_dim, in_dim).T).view(n, k, out_dim).transpose(0, 1)
+        else:
+            z = torch.bmm(h, w.transpose(1, 2))
+        if layer.b is not None:
+            z = z + theta[:, layer.b.slice].view(k, 1, out_dim)
+        return z
+
+    def _forward_mlp(self, theta: torch.Tensor, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        h = x
+        for kind, op in self._plan[start:]:
+            h = self._linear(theta, op, h) if kind == "linear" else op(h)
+        return h
+
+    def _forward_vmap(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        from torch.func import functional_call, vmap
+
+        params = self.unflatten(theta)
+
+        def f(p, xx):
+            return functional_call(self.model, {**p, **self.buffers}, (xx,))
+
+        return vmap(f, in_dims=(0, 0 if x.ndim == 3 else None))(params, x)
+
+    def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample loss ``(K, N)`` for outputs ``(K, N, C)`` and labels ``(N,)`` or ``(K, N)``."""
+        k, n, c = out.shape
+        y = y.expand(k, n)
+        if self.loss_name == "cross_entropy":
+            return F.cross_entropy(out.reshape(k * n, c), y.reshape(-1), reduction="none").view(k, n)
+        # mse: (1/2) |f(x) - onehot(y)|^2 per sample
+        return 0.5 * (out - F.one_hot(y, c).to(out.dtype)).pow(2).sum(-1)
+
+    def batch_loss(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Mean loss of each replica on a batch: ``(K,)``; differentiable (used by training)."""
+        return self._loss(self.forward(theta, x), y).mean(1)
+
+    def chunk_size(self, k: int) -> int:
+        """Samples per chunk so that K replicas' activations stay within ``memory_mb``."""
+        per_sample = k * (self._width + self.dataset.n_classes) * 4 * 4  # activations, grads, temporaries
+        return max(16, int(self.memory_mb * 2**20 // max(per_sample, 1)))
+
+    def _chunks(self, split: str, k: int):
+        x, y = self.data[choice("split", split, ("train", "test"))]
+        step = self.chunk_size(k)
+        for i in range(0, len(x), step):
+            yield x[i:i + step], y[i:i + step]
+
+    # ------------------------------------------------------------------ energies and their derivatives
+    def evaluate(self, theta: torch.Tensor, split: str = "train") -> dict[str, torch.Tensor]:
+        """Mean loss and accuracy on a split: ``{"loss": (K,), "accuracy": (K,)}`` (scalars for one theta)."""
+        theta, single = self._prepare(theta)
+        k = theta.shape[0]
+        loss_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
+        correct = torch.zeros(k, device=self.device, dtype=torch.float64)
+        n = 0
+        with torch.no_grad():
+            for xb, yb in self._chunks(split, k):
+                out = self.forward(theta, xb)
+                loss_sum += self._loss(out, yb).sum(1, dtype=torch.float64)
+                correct += (out.argmax(-1) == yb).sum(1, dtype=torch.float64)
+                n += len(yb)
+        res = {"loss": (loss_sum / max(n, 1)).to(self.dtype), "accuracy": (correct / max(n, 1)).to(self.dtype)}
+        return {k_: v[0] for k_, v in res.items()} if single else res
+
+    def energy(self, theta: torch.Tensor) -> torch.Tensor:
+        """E(theta) = mean training loss; ``(P,) -> ()`` or ``(K, P) -> (K,)``."""
+        return self.evaluate(theta, "train")["loss"]
+
+    def energy_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(E, grad E)`` over the whole training set, accumulated chunk by chunk."""
+        theta, single = self._prepare(theta)
+        theta = theta.detach().requires_grad_(True)
+        n_total = len(self.data["train"][1])
+        e = torch.zeros(theta.shape[0], device=self.device, dtype=self.dtype)
+        g = torch.zeros_like(theta)
+        for xb, yb in self._chunks("train", theta.shape[0]):
+            per = self._loss(self.forward(theta, xb), yb).sum(1) / n_total
+            gb, = torch.autograd.grad(per.sum(), theta)
+            e += per.detach()
+            g += gb
+        return (e[0], g[0]) if single else (e, g)
+
+    def grad(self, theta: torch.Tensor) -> torch.Tensor:
+        """grad E(theta), same shape as theta (replicas are independent, so one backward serves all K)."""
+        return self.energy_and_grad(theta)[1]
+
+    def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Hessian-vector product H(theta) v = d/de grad E(theta + e v) at e = 0, by double back-propagation,
+        chunked over the training data; theta and v are ``(P,)`` or ``(K, P)``."""
+        theta, single = self._prepare(theta)
+        v, _ = as_batch(v.to(self.device, self.dtype), self.n_params, "v")
+        check(v.shape == theta.shape, f"v has shape {tuple(v.shape)} but theta has {tuple(theta.shape)}")
+        theta = theta.detach().requires_grad_(True)
+        n_total = len(self.data["train"][1])
+        out = torch.zeros_like(theta)
+        for xb, yb in self._chunks("train", theta.shape[0]):
+            per = self._loss(self.forward(theta, xb), yb).sum() / n_total
+            g, = torch.autograd.grad(per, theta, create_graph=True)
+            hv, = torch.autograd.grad(g, theta, grad_outputs=v)
+            out += hv
+        return out[0] if single else out
+
+    def _prepare(self, theta) -> tuple[torch.Tensor, bool]:
+        theta, single = as_batch(theta, self.n_params)
+        return theta.to(self.device, self.dtype), single
+
+    # ------------------------------------------------------------------ affine families (paths, planes)
+    def evaluate_affine(self, center: torch.Tensor, directions: torch.Tensor, coeffs: torch.Tensor,
+                        split: str = "train", block: int = 512) -> dict[str, torch.Tensor]:
+        """Loss and accuracy at theta_{m,g} = center_m + sum_j coeffs[m, g, j] directions[m, j].
+
+        Shapes: center ``(P,)`` or ``(M, P)``; directions ``(J, P)`` or ``(M, J, P)``; coeffs ``(G, J)`` or
+        ``(M, G, J)``; results ``(G,)`` or ``(M, G)``. M families (paths, planes) of G points each.
+        For an MLP the first layer's pre-activations are affine in theta, so
+        z_{m,g} = Z_{m,0} + sum_j c_{m,g,j} Z_{m,j} with Z_{m,j} = X W_{m,j}^T + b_{m,j}: J+1 products per
+        family and data chunk serve all G points (exact). Other models evaluate the points as replicas.
+        """
+        single = torch.as_tensor(center).ndim == 1
+        center = center.to(self.device, self.dtype).reshape(-1, self.n_params)
+        m = center.shape[0]
+        directions = directions.to(self.device, self.dtype).reshape(m, -1, self.n_params)
+        coeffs = coeffs.to(self.device, self.dtype).reshape(m, -1, directions.shape[1])
+        check_finite(center, "center")
+        check_finite(directions.reshape(-1, self.n_params), "directions")
+        check(bool(torch.isfinite(coeffs).all()), "coefficients hold NaN or inf")
+        g_total = coeffs.shape[1]
+        basis = torch.cat([center.unsqueeze(1), directions], 1)  # (M, J+1, P)
+        cc_all = torch.cat([torch.ones(m, g_total, 1, device=self.device, dtype=self.dtype), coeffs], 2)
+        loss_sum = torch.zeros(m, g_total, device=self.device, dtype=torch.float64)
+        correct = torch.zeros_like(loss_sum)
+        x_all, y_all = self.data[choice("split", split, ("train", "test"))] if self.dataset is not None else (None, None)
+        per_block = max(1, block // m)
+        with torch.no_grad():
+            for g0 in range(0, g_total, per_block):
+                cc = cc_all[:, g0:g0 + per_block]  # (M, Gb, J+1)
+                gb = cc.shape[1]
+                theta = torch.bmm(cc, basis).reshape(m * gb, self.n_params)
+                if self._plan is None:
+                    ev = self.evaluate(theta, split)
+                    loss_sum[:, g0:g0 + gb] = ev["loss"].double().view(m, gb)
+                    correct[:, g0:g0 + gb] = ev["accuracy"].double().view(m, gb)
+                    continue
+                first: _Linear = self._plan[0][1]
+                step = max(1, self.chunk_size(m * gb) // 2)
+                for i in range(0, len(x_all), step):
+                    xb, yb = x_all[i:i + step], y_all[i:i + step]
+                    n, h = len(xb), first.w.shape[0]
+                    zb = self._linear(basis.reshape(-1, self.n_params), first, xb)  # (M*(J+1), n, h)
+                    z = torch.bmm(cc, zb.reshape(m, basis.shape[1], n * h)).reshape(m * gb, n, h)
+                    out = self._forward_mlp(theta, z, start=1)
+                    loss_sum[:, g0:g0 + gb] += self._loss(out, yb).sum(1, dtype=torch.float64).view(m, gb)
+                    correct[:, g0:g0 + gb] += (out.argmax(-1) == yb).sum(1, dtype=torch.float64).view(m, gb)
+                n_total = len(y_all)
+                loss_sum[:, g0:g0 + gb] /= n_total
+                correct[:, g0:g0 + gb] /= n_total
+        res = {"loss": loss_sum.to(self.dtype), "accuracy": correct.to(self.dtype)}
+        return {k: v[0] for k, v in res.items()} if single else res
+
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """Map parameters back onto the problem's manifold (identity here; the sphere for p-spin)."""
+        return theta
+
+
+class FunctionProblem(Problem):
+    """E(theta) = fn(theta) for any ``fn: (K, P) -> (K,)``; accuracy is NaN (there are no labels)."""
+
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], n_params: int, *, name: str = "function",
+                 device: str = "auto", dtype: torch.dtype = torch.float32,
+                 init_scale: float = 1.0, projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        check(callable(fn), "fn must be callable: (K, P) -> (K,)")
+        check(isinstance(n_params, int) and n_params > 0, f"n_params must be a positive int, got {n_params!r}")
+        self.fn, self.n_params, self.name = fn, n_params, name
+        self.device, self.dtype = resolve_device(device), dtype
+        self.params = [ParamInfo("theta", (n_params,), 0)]
+        self._info = {"theta": self.params[0]}
+        self._plan, self.model, self.dataset, self.loss_name = None, None, None, name
+        self.init_scale = float(init_scale)
+        self._projector = projector
+        with torch.no_grad():
+            e = fn(torch.zeros(2, n_params, device=self.device, dtype=dtype))
+        check(isinstance(e, torch.Tensor) and tuple(e.shape) == (2,),
+              f"fn must map (K, P) to (K,); for K=2 it returned shape {tuple(getattr(e, 'shape', ()))}")
+
+    def __repr__(self) -> str:
+        return f"FunctionProblem({self.name!r}, P={self.n_params})"
+
+    def init(self, n_replicas: int, seed: int = 0, *, ids=None) -> torch.Tensor:
+        """Replica k: ``init_scale`` * N(0, I) from the seed mixed from (seed, ids[k]), projected."""
+        check(isinstance(n_replicas, int) and n_replicas > 0, f"n_replicas must be a positive int, got {n_replicas}")
+        ids = range(n_replicas) if ids is None else ids
+        rows = [torch.randn(self.n_params, generator=torch.Generator().manual_seed(seed_for(seed, 7, k)),
+                            dtype=self.dtype) for k in ids]
+        return self.project(torch.stack(rows).to(self.device) * self.init_scale)
+
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        return theta if self._projector is None else self._projector(theta)
+
+    def evaluate(self, theta: torch.Tensor, split: str = "train") -> dict[str, torch.Tensor]:
+        theta, single = self._prepare(theta)
+        with torch.no_grad():
+            e = self._energy(theta)
+        res = {"loss": e, "accuracy": torch.full_like(e, float("nan"))}
+        return {k: v[0] for k, v in res.items()} if single else res
+
+    def _energy(self, theta: torch.Tensor) -> torch.Tensor:
+        e = self.fn(theta)
+        if tuple(e.shape) != (theta.shape[0],):
+            raise LossglassError(f"{self.name}: fn returned shape {tuple(e.shape)} for {theta.shape[0]} replicas")
+        return e
+
+    def batch_loss(self, theta: torch.Tensor, x=None, y=None) -> torch.Tensor:
+        return self._energy(theta)
+
+    def energy_and_grad(self, theta):
+        theta, single = self._prepare(theta)
+        theta = theta.detach().requires_grad_(True)
+        e = self._energy(theta)
+        g, = torch.autograd.grad(e.sum(), theta, allow_unused=True)
+        g = torch.zeros_like(theta) if g is None else g
+        return (e.detach()[0], g[0]) if single else (e.detach(), g)
+
+    def hvp(self, theta, v):
+        theta, single = self._prepare(theta)
+        v, _ = as_batch(v.to(self.device, self.dtype), self.n_params, "v")
+        theta = theta.detach().requires_grad_(True)
+        g, = torch.autograd.grad(self._energy(theta).sum(), theta, create_graph=True, allow_unused=True)
+        hv = None
+        if g is not None and g.requires_grad:
+            hv, = torch.autograd.grad(g, theta, grad_outputs=v, allow_unused=True)
+        hv = torch.zeros_like(theta) if hv is None else hv
+        return hv[0] if single else hv
+
+    def forward(self, theta, x):
+        raise LossglassError(f"{self.name} is an energy function, not a network: it has no outputs to compute")
