@@ -1,0 +1,472 @@
+"""The report: figures made from the saved tables (PNG + SVG in ``figures/``) and one self-contained
+``report.html`` (images embedded) with a summary of findings, a section per protocol, captions, the tables
+behind the figures, and the config, seed, versions and run times at the end.
+
+Rebuilding it (``lossglass report RUN``) reads only saved data; output is byte-for-byte stable apart from
+the one timestamp line.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ..store import RunStore  # noqa: E402
+
+# Okabe-Ito: colour-blind-safe
+PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000"]
+STYLE = {"figure.dpi": 110, "savefig.dpi": 110, "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+         "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+         "axes.prop_cycle": matplotlib.cycler(color=PALETTE), "svg.hashsalt": "lossglass", "image.cmap": "viridis"}
+EXPECTED = {
+    "train": ["replicas"],
+    "walk": ["walk_summary", "walk_msd", "walk_aging", "walk_energy_distance", "walk"],
+    "connect": ["perm_barriers", "pair_barriers", "paths", "plane_random", "plane_through"],
+    "replicas": ["replica_summary", "pq"],
+    "curvature": ["flatness", "kendall", "spectral_density"],
+}
+
+
+class _Report:
+    def __init__(self, store: RunStore):
+        self.store = store
+        self.figdir = store.figure_dir()
+        self.parts: list[str] = []
+        self.summary: list[tuple[str, str, str]] = []
+        self.missing: list[str] = []
+
+    # ---------------------------------------------------------------- helpers
+    def table(self, name: str) -> pd.DataFrame | None:
+        if not self.store.has_table(name):
+            return None
+        try:
+            return self.store.read_table(name)
+        except Exception as e:  # noqa: BLE001 - a damaged table is reported, not fatal
+            self.missing.append(f"table {name} unreadable ({e})")
+            return None
+
+    def figure(self, name: str, fig, caption: str) -> None:
+        png = io.BytesIO()
+        fig.savefig(png, format="png", bbox_inches="tight", metadata={"Software": None})
+        fig.savefig(self.figdir / f"{name}.svg", format="svg", bbox_inches="tight", metadata={"Date": None})
+        plt.close(fig)
+        data = png.getvalue()
+        (self.figdir / f"{name}.png").write_bytes(data)
+        b64 = base64.b64encode(data).decode()
+        self.parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
+                          f"<figcaption>{caption}</figcaption></figure>")
+
+    def h(self, level: int, text: str, anchor: str | None = None) -> None:
+        a = f' id="{anchor}"' if anchor else ""
+        self.parts.append(f"<h{level}{a}>{html.escape(text)}</h{level}>")
+
+    def p(self, text: str) -> None:
+        self.parts.append(f"<p>{text}</p>")
+
+    def df(self, df: pd.DataFrame, max_rows: int = 40, cls: str = "sortable") -> None:
+        self.parts.append(_html_table(df.head(max_rows), cls))
+        if len(df) > max_rows:
+            self.p(f"<em>First {max_rows} of {len(df)} rows; the full table is in the run folder.</em>")
+
+    def add_summary(self, what: str, value: str, meaning: str) -> None:
+        self.summary.append((what, value, meaning))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, (float, np.floating)):
+        if not np.isfinite(v):
+            return "nan"
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def _html_table(df: pd.DataFrame, cls: str = "sortable") -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = "".join("<tr>" + "".join(f"<td>{_fmt(v)}</td>" for v in row) + "</tr>" for row in df.itertuples(index=False))
+    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
+
+
+# ---------------------------------------------------------------------------- sections
+def _train(r: _Report) -> None:
+    t = r.table("replicas")
+    r.h(2, "Replicas", "train")
+    if t is None:
+        r.p("No trained replicas in this run.")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    idx = np.arange(len(t))
+    ax.bar(idx - 0.2, t["train_accuracy"] * 100, 0.4, label="train")
+    ax.bar(idx + 0.2, t["test_accuracy"] * 100, 0.4, label="test")
+    lo = max(0, float(min(t["train_accuracy"].min(), t["test_accuracy"].min())) * 100 - 5)
+    ax.set_ylim(lo, 100)
+    ax.set_xlabel("replica")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(frameon=False)
+    r.figure("replicas_accuracy", fig, "Train and test accuracy of every replica. Replicas differ only in their "
+             "random seed (initialisation and mini-batch order); the spread is the seed-to-seed variability.")
+    r.df(t)
+    ok = t[~t["diverged"]]
+    if len(ok):
+        r.add_summary("Test accuracy (best / median)", f"{ok['test_accuracy'].max() * 100:.2f}% / "
+                      f"{ok['test_accuracy'].median() * 100:.2f}%",
+                      f"How well the {len(ok)} trained replicas classify unseen data.")
+
+
+def _walk(r: _Report) -> None:
+    s = r.table("walk_summary")
+    if s is None:
+        return
+    r.h(2, "Protocol 1 — random walks and Monte Carlo", "walk")
+    tr = r.table("walk")
+    if tr is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (label, g) in enumerate(tr.groupby("label", sort=False)):
+            m = g.groupby("step")["energy"].agg(["mean", "std"])
+            ax.plot(m.index, m["mean"], color=PALETTE[i % 8], label=label)
+            ax.fill_between(m.index, m["mean"] - m["std"], m["mean"] + m["std"], color=PALETTE[i % 8], alpha=0.2)
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss E (nats)")
+        ax.legend(frameon=False, fontsize=8)
+        r.figure("walk_energy", fig, "Energy (mean training loss) along the walks, mean over walkers with a band of "
+                 "one standard deviation. A plain walk climbs as it leaves the minimum; a Metropolis walk at "
+                 "temperature T settles where uphill moves stop being accepted.")
+    ed = r.table("walk_energy_distance")
+    if ed is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (label, g) in enumerate(ed.groupby("label", sort=False)):
+            ax.errorbar(g["distance"], g["energy"], yerr=g["std"].fillna(0), color=PALETTE[i % 8], label=label,
+                        marker="o", ms=3, capsize=2)
+        ax.set_xlabel("distance from start |θ − θ₀|")
+        ax.set_ylabel("training loss E (nats)")
+        ax.legend(frameon=False, fontsize=8)
+        r.figure("walk_energy_distance", fig, "Energy against distance from the starting solution, binned over all "
+                 "walkers and steps (error bars: standard deviation in the bin). The distance at which the curve "
+                 "rises gives the size of the basin.")
+    ms = r.table("walk_msd")
+    if ms is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (label, g) in enumerate(ms.groupby("label", sort=False)):
+            g = g[(g["t"] > 0) & (g["msd"] > 0)]
+            ax.loglog(g["t"], g["msd"], color=PALETTE[i % 8], label=label)
+        ax.set_xlabel("step t")
+        ax.set_ylabel("MSD ⟨|θ_t − θ₀|²⟩")
+        ax.legend(frameon=False, fontsize=8)
+        r.figure("walk_msd", fig, "Mean squared displacement on log-log axes. Free diffusion has slope 1 "
+                 "(MSD = σ² t P); a slope below 1 (sub-diffusion) means walkers are confined by the landscape.")
+    ag = r.table("walk_aging")
+    if ag is not None and len(ag):
+        labels = list(ag["label"].unique())
+        fig, axes = plt.subplots(1, len(labels), figsize=(4.5 * len(labels), 3.3), squeeze=False)
+        for ax, label in zip(axes[0], labels):
+            g = ag[ag["label"] == label]
+            tws = sorted(g["tw"].unique())
+            for i, tw in enumerate(tws[:: max(1, len(tws) // 6)]):
+                gg = g[g["tw"] == tw]
+                ax.semilogx(gg["t"], gg["C"], color=PALETTE[i % 8], marker=".", label=f"t_w={tw}")
+            ax.set_title(label, fontsize=9)
+            ax.set_xlabel("lag t (steps)")
+            ax.set_ylabel("C(t_w, t_w+t) = θ(t_w)·θ(t_w+t)/P")
+        axes[0][0].legend(frameon=False, fontsize=7)
+        r.figure("walk_aging", fig, "Two-time correlation for several waiting times t_w (Baity-Jesi et al. 2018). "
+                 "If the curves for different t_w lie on top of each other the dynamics is stationary; if they "
+                 "shift to longer lags as t_w grows, the system ages like a glass.")
+    r.df(s)
+    for _, row in s.iterrows():
+        cols = [c for c in s.columns if c.startswith("radius_") and c.endswith("_median")]
+        if cols:
+            rad = row[cols[len(cols) // 2]]
+            r.add_summary(f"Basin radius ({row['label']}, {cols[len(cols) // 2][7:-7]} rise)", _fmt(rad),
+                          "Median distance a walker travels before the training loss rises by that amount.")
+        r.add_summary(f"MSD exponent ({row['label']})", _fmt(row["msd_alpha"]),
+                      "1 = free diffusion; below 1 = walkers confined by the landscape.")
+
+
+def _connect(r: _Report) -> None:
+    perm = r.table("perm_barriers")
+    if perm is None:
+        return
+    r.h(2, "Protocol 2 — permutations, barriers and connectivity", "connect")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(perm["k"], perm["barrier"], "o-", label="train")
+    ax.plot(perm["k"], perm["barrier_test"], "s--", label="test")
+    ax.set_xlabel("number of permuted hidden units k")
+    ax.set_ylabel("loss barrier (nats)")
+    ax.legend(frameon=False)
+    r.figure("perm_barriers", fig, "Permutation-interpolation (the paper's protocol 2): the loss barrier on the "
+             "straight line between a solution and a copy of it with k hidden units permuted. The copy computes "
+             "the same function, so any barrier comes from the path leaving the minimum.")
+    r.df(perm)
+    r.add_summary("Permutation barrier (largest k)", _fmt(perm["barrier"].iloc[-1]),
+                  "Loss rise midway between a network and its own permuted copy: the copies are walled off if large.")
+    paths = r.table("paths")
+    pairs = r.table("pair_barriers")
+    if paths is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (kind, g) in enumerate(paths[paths["pair"] == 0].groupby("kind", sort=False)):
+            ax.plot(g["alpha"], g["train_loss"], color=PALETTE[i], label=f"{kind} (train)")
+            ax.plot(g["alpha"], g["test_loss"], color=PALETTE[i], ls="--", label=f"{kind} (test)")
+        ax.set_xlabel("position along path t (A at 0, B at 1)")
+        ax.set_ylabel("loss (nats)")
+        ax.legend(frameon=False, fontsize=8)
+        r.figure("paths", fig, "Paths between two independently trained replicas A and B: the straight line "
+                 "(naive), the straight line after permuting B's hidden units to match A (aligned), and a "
+                 "quadratic Bezier curve with a trained middle point. A low curve where the line is high means the "
+                 "minima are connected, but not in a straight line.")
+    if pairs is not None:
+        r.df(pairs)
+        r.add_summary("Barrier between replicas, naive → aligned",
+                      f"{pairs['barrier_naive'].mean():.4g} → {pairs['barrier_aligned'].mean():.4g}",
+                      "Mean loss barrier between independent solutions before and after removing the permutation "
+                      "symmetry; a drop means most of the wall was only a permutation.")
+    for name, title in (("plane_random", "random filter-normalised plane"), ("plane_through", "plane through A, B, aligned B")):
+        pl = r.table(name)
+        if pl is None:
+            continue
+        xs, ys = np.unique(pl["x"]), np.unique(pl["y"])
+        z = pl["train_loss"].to_numpy().reshape(len(xs), len(ys))
+        fig, ax = plt.subplots(figsize=(5, 4))
+        zc = np.log10(np.clip(z, 1e-6, None))
+        cs = ax.contourf(xs, ys, zc.T, levels=20)
+        ax.contour(xs, ys, zc.T, levels=10, colors="k", linewidths=0.4)
+        fig.colorbar(cs, ax=ax, label="log10 training loss")
+        pts = r.store.read_json("plane_through_points.json") if name == "plane_through" else {"centre": [0, 0]}
+        for lbl, (px, py) in (pts or {}).items():
+            ax.plot(px, py, "w*", ms=10, mec="k")
+            ax.annotate({"C": "aligned B"}.get(lbl, lbl), (px, py), textcoords="offset points", xytext=(5, 5))
+        ax.set_xlabel("direction 1 (units of |B − A|)" if name == "plane_through" else "direction 1 (filter-normalised)")
+        ax.set_ylabel("direction 2")
+        r.figure(name, fig, f"Training loss on the {title} (log colour scale, contours). Every grid point was "
+                 "evaluated as one replica of a single batch.")
+    wb = r.table("width_barriers")
+    if wb is not None and len(wb):
+        from ..protocols.connect import width_barrier_fit
+
+        g = wb.groupby("width")[["barrier_naive", "barrier_aligned"]].mean()
+        fit = width_barrier_fit(g.index, g["barrier_aligned"])
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.loglog(g.index, g["barrier_naive"].clip(lower=1e-6), "o-", label="naive")
+        ax.loglog(g.index, g["barrier_aligned"].clip(lower=1e-6), "s-", label="aligned")
+        ax.set_xlabel("hidden width m")
+        ax.set_ylabel("loss barrier (nats)")
+        ax.legend(frameon=False)
+        r.figure("width_barriers", fig, "Barrier between independent solutions against width, before and after "
+                 f"alignment. Fitted aligned barrier ~ m^(-β) with β = {fit['beta']:.2f} (theory for two-layer ReLU "
+                 "networks: β = 1/2, Zhan, Li & Wu 2025).")
+        r.df(wb)
+        r.add_summary("Width exponent β (aligned barrier ~ m^-β)", _fmt(fit["beta"]),
+                      "How fast the barrier between aligned solutions vanishes as networks widen.")
+
+
+def _dendrogram(ax, linkage: np.ndarray) -> None:
+    from scipy.cluster.hierarchy import dendrogram
+
+    dendrogram(linkage, ax=ax, color_threshold=0, above_threshold_color=PALETTE[0], no_labels=True)
+    ax.set_ylabel("merge distance")
+    ax.set_xlabel("replicas (leaf order)")
+
+
+def _replicas(r: _Report) -> None:
+    s = r.table("replica_summary")
+    pq = r.table("pq")
+    if s is None:
+        return
+    r.h(2, "Protocol 3 — overlaps, the Parisi tree and ultrametricity", "replicas")
+    labels = list(s["system"])
+    if pq is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, lbl in enumerate(labels):
+            q = pq[pq["label"] == lbl]["q"]
+            ax.hist(q, bins=30, density=True, histtype="step", lw=1.5, color=PALETTE[i % 8], label=lbl)
+        ax.set_xlabel("overlap q")
+        ax.set_ylabel("P(q)")
+        ax.legend(frameon=False, fontsize=8)
+        r.figure("pq", fig, "Distribution of overlaps P(q) between pairs of replicas. One narrow peak: replica "
+                 "symmetric (one state); two peaks: one-step replica symmetry breaking; weight between them: "
+                 "full (Parisi) RSB.")
+    for lbl in labels:
+        if not r.store.has_table(f"linkage_{lbl}"):
+            continue
+        lk = r.store.read_table(f"linkage_{lbl}").to_numpy()
+        ov = r.store.read_table(f"overlaps_{lbl}")
+        k = int(ov["a"].max()) + 1
+        q = ov["q"].to_numpy().reshape(k, k)
+        order = r.store.read_json(f"order_{lbl}.json")
+        tri = r.table(f"triangles_{lbl}")
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        _dendrogram(axes[0], lk)
+        axes[0].set_title(f"dendrogram — {lbl}")
+        im = axes[1].imshow(q[np.ix_(order, order)], cmap="viridis")
+        fig.colorbar(im, ax=axes[1], label="q")
+        axes[1].set_title("Parisi matrix (q in leaf order)")
+        axes[1].set_xlabel("replica")
+        axes[1].set_ylabel("replica")
+        if tri is not None:
+            axes[2].scatter(tri["d_max"], tri["d_mid"], s=3, alpha=0.4)
+            lim = [float(tri[["d_mid", "d_max"]].min().min()), float(tri["d_max"].max())]
+            axes[2].plot(lim, lim, "k--", lw=0.8)
+            axes[2].set_xlabel("largest side d_max")
+            axes[2].set_ylabel("middle side d_mid")
+            axes[2].set_title("triangles")
+        r.figure(f"tree_{lbl}", fig, f"<b>{html.escape(lbl)}</b>: left, the hierarchical clustering of replicas; "
+                 "middle, the overlap matrix reordered by the tree (blocks on the diagonal are clusters of similar "
+                 "solutions); right, every triangle's middle side against its largest side — ultrametric sets lie "
+                 "on the diagonal (two largest sides equal).")
+    cols = ["system", "replicas", "q_mean", "q_var", "q_skew", "cophenetic", "K_mean", "K_mean_null_shuffle",
+            "K_mean_null_gaussian", "K_mean_z_gaussian", "subdominant_distance", "subdominant_distance_null_gaussian",
+            "cv", "trivial"]
+    r.p("Side by side: the network's replicas (aligned, raw, and by predictions), and where the study ran them, "
+        "a true spin glass (spherical p-spin minima) and a non-glass (thermal samples of one convex well). "
+        "K_mean is the mean Katzgraber–Hartmann K = (d_max − d_mid)/σ(d); ultrametric sets have K near 0, "
+        "well below the null models with no hierarchy (negative z-score).")
+    r.df(s[[c for c in cols if c in s.columns]])
+    for _, row in s.iterrows():
+        r.add_summary(f"P(q) mean ± sd, cophenetic ({row['system']})",
+                      f"{row['q_mean']:.3f} ± {np.sqrt(row['q_var']):.3f}, {row['cophenetic']:.3f}",
+                      "Typical similarity of two solutions, and how well a tree describes their distances.")
+        r.add_summary(f"Ultrametricity K vs null ({row['system']})",
+                      f"{row['K_mean']:.3f} vs {row['K_mean_null_gaussian']:.3f}" + (" (trivial)" if row["trivial"] else ""),
+                      "Below the null: the solutions organise like the states of a spin glass (a Parisi tree).")
+
+
+def _curvature(r: _Report) -> None:
+    f = r.table("flatness")
+    if f is None:
+        return
+    r.h(2, "Protocol 4 — curvature, flatness and generalisation", "curvature")
+    from ..protocols.curvature import MEASURES
+
+    ms = [m for m in MEASURES if m in f]
+    n = len(ms)
+    cols = 4
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+    groups = f["group"] if "group" in f else pd.Series(0, index=f.index)
+    for ax, m in zip(axes.ravel(), ms):
+        for i, g in enumerate(sorted(groups.unique())):
+            sel = groups == g
+            ax.scatter(f.loc[sel, m], f.loc[sel, "gap_error"] * 100, s=14, color=PALETTE[i % 8], label=f"group {g}")
+        ax.set_xlabel(m)
+        ax.set_ylabel("generalisation gap (%)")
+        if m in ("lambda_max", "hessian_trace") and (f[m] > 0).all() and f[m].max() / max(f[m].min(), 1e-12) > 30:
+            ax.set_xscale("log")
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    axes[0][0].legend(frameon=False, fontsize=7)
+    r.figure("flatness_vs_gap", fig, "Each flatness measure against the generalisation gap (train accuracy − test "
+             "accuracy), one point per replica, coloured by training group (batch size / method). A measure that "
+             "predicts generalisation orders the points from bottom-left to top-right.")
+    sd = r.table("spectral_density")
+    if sd is not None:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for i, (lbl, g) in enumerate(sd.groupby("label", sort=False)):
+            ax.semilogy(g["eigenvalue"], g["density"].clip(lower=1e-8), color=PALETTE[i], label=f"{lbl} (replica "
+                        f"{int(g['replica'].iloc[0])})")
+        ax.set_xlabel("Hessian eigenvalue λ")
+        ax.set_ylabel("density (log scale)")
+        ax.legend(frameon=False)
+        r.figure("spectral_density", fig, "Hessian eigenvalue density (stochastic Lanczos quadrature) of the flattest "
+                 "and the sharpest replica (by top eigenvalue). Sharp minima have outliers far to the right.")
+    k = r.table("kendall")
+    if k is not None:
+        r.p("Kendall's τ between each measure and the generalisation gap across replicas, with a 95% bootstrap "
+            "interval (Jiang et al. 2020). Positive: sharper minima generalise worse (local entropy is negated so "
+            "the sign reads the same).")
+        r.df(k)
+        kk = k[k["target"] == "gap_error"]
+        if len(kk):
+            best = kk.iloc[kk["kendall_tau"].abs().argmax()]
+            r.add_summary("Best flatness predictor of the gap (Kendall τ)",
+                          f"{best['measure']}: {best['kendall_tau']:.3f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}]",
+                          "Rank agreement between flatness and the generalisation gap; an interval that excludes 0 "
+                          "is a real association on these replicas.")
+    r.df(f, max_rows=40)
+
+
+def _missing(store: RunStore) -> list[str]:
+    out = []
+    if not (store.path / "config.toml").exists():
+        out.append("config.toml (this does not look like a lossglass run folder)")
+    if not store.has_tensors("replicas"):
+        out.append("replicas.safetensors (stage train not finished)")
+    stages = store.stages()
+    cfg_text = (store.path / "config.toml").read_text() if (store.path / "config.toml").exists() else ""
+    for stage, tables in EXPECTED.items():
+        if stage == "train":
+            continue
+        disabled = f"[{stage}]\nenabled = false" in cfg_text
+        if disabled:
+            continue
+        if stage not in stages:
+            out.append(f"stage {stage} not finished (tables: {', '.join(tables)})")
+    return out
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
+padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
+margin-top:2em}table{border-collapse:collapse;font-size:.85em;margin:1em 0;display:block;overflow-x:auto}
+th,td{border:1px solid #ddd;padding:.25em .5em;text-align:right}th{background:#f4f6f8;cursor:pointer}
+td:first-child,th:first-child{text-align:left}figure{margin:1.2em 0}img{max-width:100%}
+figcaption{font-size:.9em;color:#444;max-width:900px}.summary td:nth-child(3){text-align:left;color:#444}
+.missing{background:#fff4e5;border:1px solid #f0c36d;padding:.5em 1em}footer{margin-top:3em;font-size:.85em;color:#555}"""
+JS = """document.querySelectorAll('table.sortable').forEach(function(t){t.querySelectorAll('th').forEach(function(th,i){
+th.addEventListener('click',function(){var b=t.tBodies[0],rows=Array.from(b.rows),asc=th.dataset.asc!=='1';
+th.dataset.asc=asc?'1':'0';rows.sort(function(x,y){var a=x.cells[i].textContent,c=y.cells[i].textContent,
+p=parseFloat(a),q=parseFloat(c);var r=(!isNaN(p)&&!isNaN(q))?p-q:a.localeCompare(c);return asc?r:-r;});
+rows.forEach(function(r){b.appendChild(r);});});});});"""
+
+
+def build_report(store: RunStore | str, *, timestamp: str | None = None) -> str:
+    """Write ``figures/`` and ``report.html`` from what the run folder holds; returns the HTML path.
+    Missing stages are listed at the top, never a crash."""
+    store = store if isinstance(store, RunStore) else RunStore(store, create=False)
+    with matplotlib.rc_context(STYLE):
+        r = _Report(store)
+        r.missing += _missing(store)
+        for section in (_train, _walk, _connect, _replicas, _curvature):
+            try:
+                section(r)
+            except Exception as e:  # noqa: BLE001 - one broken section must not lose the rest of the report
+                r.missing.append(f"section {section.__name__[1:]} could not be drawn: {type(e).__name__}: {e}")
+    meta = store.read_json("meta.json", {}) or {}
+    cfg = (store.path / "config.toml").read_text() if (store.path / "config.toml").exists() else "(no config)"
+    title = f"lossglass report — {meta.get('name', store.path.name)}"
+    summary = "".join(f"<tr><td>{html.escape(a)}</td><td>{html.escape(b)}</td><td>{html.escape(c)}</td></tr>"
+                      for a, b, c in r.summary)
+    missing = ""
+    if r.missing:
+        missing = ('<div class="missing"><b>This run is incomplete.</b> Missing:<ul>'
+                   + "".join(f"<li>{html.escape(m)}</li>" for m in r.missing) + "</ul></div>")
+    stage_rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{_fmt(v.get('seconds', float('nan')))}</td></tr>"
+                         for k, v in store.stages().items() if k != "report")
+    stamp = timestamp or time.strftime("%Y-%m-%d %H:%M:%S")
+    doc = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>{CSS}</style></head><body>
+<h1>{html.escape(title)}</h1>
+{missing}
+<h2 id="summary">Summary</h2>
+<table class="summary"><thead><tr><th>finding</th><th>value</th><th>what it means</th></tr></thead>
+<tbody>{summary}</tbody></table>
+{''.join(r.parts)}
+<h2 id="provenance">Config, seed, versions, run time</h2>
+<p>Seed {html.escape(str(meta.get('seed')))}, device {html.escape(str(meta.get('device')))},
+started {html.escape(str(meta.get('started')))}, finished {html.escape(str(meta.get('finished')))}.</p>
+<table><thead><tr><th>stage</th><th>seconds</th></tr></thead><tbody>{stage_rows}</tbody></table>
+<pre>{html.escape(json.dumps(meta.get('versions', {}), indent=1, sort_keys=True))}</pre>
+<pre>{html.escape(cfg)}</pre>
+<footer>Report generated {stamp} by lossglass from the saved data in this folder.</footer>
+<script>{JS}</script>
+</body></html>
+"""
+    path = store.write_text("report.html", doc)
+    return str(path)

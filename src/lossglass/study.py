@@ -1,0 +1,389 @@
+"""A study: a validated config -> the protocols in order -> a run folder (:class:`RunStore`).
+
+Stages: train, walk, connect, replicas, curvature, reference, report. A stage writes its tables, then its
+completion record; a run started again with the same config skips finished stages and resumes training
+from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import __version__
+from .config import StudyConfig, load_config, to_toml
+from .datasets import Dataset, load
+from .errors import LossglassError, check
+from .models import mlp
+from .problem import Problem
+from .store import RunStore
+from .train import Replicas, train
+
+STAGES = ("train", "walk", "connect", "replicas", "curvature", "reference", "report")
+
+
+def log(msg: str) -> None:
+    print(f"[lossglass] {msg}", file=sys.stderr, flush=True)
+
+
+def build_dataset(cfg: StudyConfig) -> Dataset:
+    d = cfg.data
+    return load(d.name, n_train=d.n_train, n_test=d.n_test, seed=cfg.seed, data_dir=d.data_dir)
+
+
+def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None) -> Problem:
+    ds = dataset or build_dataset(cfg)
+    model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
+    return Problem(model, ds, loss=cfg.model.loss, device=cfg.device)
+
+
+def subset_problem(problem: Problem, n: int | None) -> Problem:
+    """The same model on the first ``n`` training samples (curvature on a subset keeps cost bounded)."""
+    if n is None or n >= len(problem.dataset.y_train):
+        return problem
+    ds = problem.dataset
+    sub = Dataset(ds.name, ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test, ds.n_classes, ds.shape, ds.info)
+    return Problem(problem.model, sub, loss=problem.loss_name, device=str(problem.device), dtype=problem.dtype)
+
+
+def load_replicas(store: RunStore) -> Replicas:
+    return Replicas(store.read_tensors("replicas")["theta"], store.read_table("replicas"))
+
+
+def _versions() -> dict:
+    import scipy
+
+    return {"lossglass": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "scipy": scipy.__version__, "pandas": pd.__version__, "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+class Study:
+    """Runs the stages of a config into a run folder; each ``stage_*`` method can also run alone on an
+    existing folder (the CLI's per-protocol sub-commands)."""
+
+    def __init__(self, cfg: StudyConfig, out: str | Path, *, progress: bool = True):
+        self.cfg, self.progress = cfg, progress
+        self.store = RunStore(out)
+        self._problem: Problem | None = None
+
+    @property
+    def problem(self) -> Problem:
+        if self._problem is None:
+            self._problem = build_problem(self.cfg)
+        return self._problem
+
+    def prepare(self, force: bool = False) -> None:
+        text = to_toml(self.cfg)
+        old = self.store.path / "config.toml"
+        if old.exists() and old.read_text() != text and not force:
+            raise LossglassError(f"{self.store.path} holds a run with a different config; use a new --out folder, "
+                                 "or --force to start over there")
+        if old.exists() and old.read_text() != text and force:
+            for p in (self.store.path / "stages").glob("*.json"):
+                p.unlink()
+        self.store.write_text("config.toml", text)
+        meta = self.store.read_json("meta.json", {}) or {}
+        meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        meta.update({"versions": _versions(), "seed": self.cfg.seed, "device": self.cfg.device,
+                     "name": self.cfg.name})
+        self.store.write_json("meta.json", meta)
+
+    def run(self, stages=STAGES, force: bool = False) -> RunStore:
+        self.prepare(force)
+        t_all = time.time()
+        for name in stages:
+            section = getattr(self.cfg, name, None)
+            if section is not None and hasattr(section, "enabled") and not section.enabled:
+                continue
+            if name != "report" and self.store.stage_done(name):
+                log(f"{name}: done already, skipped")
+                continue
+            log(f"{name}: running")
+            t0 = time.time()
+            info = getattr(self, f"stage_{name}")() or {}
+            self.store.mark_done(name, {"seconds": time.time() - t0, **info})
+            log(f"{name}: finished in {time.time() - t0:.1f} s")
+        meta = self.store.read_json("meta.json", {})
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        meta["stage_seconds"] = {k: v.get("seconds") for k, v in self.store.stages().items()}
+        meta["last_run_seconds"] = time.time() - t_all
+        self.store.write_json("meta.json", meta)
+        return self.store
+
+    # ------------------------------------------------------------------ stages
+    def stage_train(self) -> dict:
+        c = self.cfg.train
+        groups = c.groups or [None]
+        thetas, tables, offset = [], [], 0
+        ckdir = self.store.path / "checkpoints"
+        ckdir.mkdir(exist_ok=True)
+        for gi, grp in enumerate(groups):
+            g = grp.model_dump(exclude_none=True) if grp is not None else {}
+            k = g.get("replicas", c.replicas)
+            rep = train(self.problem, k, epochs=g.get("epochs", c.epochs), batch_size=g.get("batch_size", c.batch_size),
+                        lr=g.get("lr", c.lr), optimizer=g.get("optimizer", c.optimizer), method=g.get("method", c.method),
+                        momentum=c.momentum, weight_decay=c.weight_decay, seed=self.cfg.seed,
+                        replica_ids=range(offset, offset + k), rho=c.rho, temperature=c.temperature,
+                        lr_schedule=c.lr_schedule, checkpoint=ckdir / f"train-{gi}.safetensors",
+                        progress=self.progress)
+            rep.table["group"] = gi
+            thetas.append(rep.theta.cpu())
+            tables.append(rep.table)
+            offset += k
+        theta = torch.cat(thetas)
+        table = pd.concat(tables, ignore_index=True)
+        self.store.write_tensors("replicas", {"theta": theta}, {"n_params": self.problem.n_params})
+        self.store.write_table("replicas", table)
+        for p in ckdir.glob("train-*.safetensors"):
+            p.unlink()
+        log(f"train: {len(table)} replicas, median test accuracy {table['test_accuracy'].median():.4f}, "
+            f"{int(table['diverged'].sum())} diverged")
+        return {"replicas": len(table)}
+
+    def _alive(self) -> Replicas:
+        rep = load_replicas(self.store)
+        alive = rep.alive
+        check(bool(alive.any()), "every replica diverged: nothing to measure (lower train.lr)")
+        return rep[torch.nonzero(alive).flatten()]
+
+    def stage_walk(self) -> dict:
+        from .protocols import walk as W
+
+        c = self.cfg.walk
+        rep = self._alive()
+        starts = rep.theta[: c.starts]
+        results = []
+        for t in c.temperatures:
+            temp = None if t == "none" else float(t)
+            results.append(W.random_walk(self.problem, starts, n_walkers=c.n_walkers, steps=c.steps,
+                                         step_size=c.step_size, temperature=temp, normalize=c.normalize,
+                                         record_every=c.record_every, seed=self.cfg.seed, progress=self.progress))
+        if c.langevin_steps > 0:
+            results.append(W.langevin(self.problem, starts, temperature=c.langevin_temperature, lr=c.langevin_lr,
+                                      steps=c.langevin_steps, n_walkers=c.n_walkers, record_every=c.record_every,
+                                      seed=self.cfg.seed, progress=self.progress))
+        traces, summaries, msds, agings, evd, radii = [], [], [], [], [], []
+        for i, r in enumerate(results):
+            label = f"{r.kind} T={r.params.get('temperature')}"
+            tab = r.table()
+            tab["run"] = i
+            tab["label"] = label
+            traces.append(tab)
+            s = W.summarize(r, c.deltas)
+            s.update(run=i, label=label)
+            summaries.append(s)
+            t_, m_, _ = W.msd(r)
+            msds.append(pd.DataFrame({"run": i, "label": label, "t": t_, "msd": m_}))
+            ag = W.aging(r)
+            ag["run"], ag["label"] = i, label
+            agings.append(ag)
+            ed = W.energy_vs_distance(r)
+            ed["run"], ed["label"] = i, label
+            evd.append(ed)
+            br = W.basin_radius(r, c.deltas)
+            br["run"], br["label"] = i, label
+            radii.append(br)
+        for name, parts in (("walk", traces), ("walk_msd", msds), ("walk_aging", agings),
+                            ("walk_energy_distance", evd), ("walk_radius", radii)):
+            self.store.write_table(name, pd.concat(parts, ignore_index=True))
+        self.store.write_table("walk_summary", pd.DataFrame(summaries))
+        return {"runs": len(results)}
+
+    def stage_connect(self) -> dict:
+        from .protocols import connect as C
+        from .symmetry import align
+
+        c = self.cfg.connect
+        rep = self._alive()
+        prob = self.problem
+        perm = C.permutation_barriers(prob, rep.theta[0], swaps=[k for k in c.swaps if k != 1],
+                                      n_points=c.n_points, seed=self.cfg.seed)
+        self.store.write_table("perm_barriers", perm)
+        paths = []
+        if len(rep) >= 2:
+            pairs, naive, aligned = C.pair_barriers(prob, rep.theta, pairs=c.pairs, n_points=c.n_points,
+                                                    method=c.align, seed=self.cfg.seed)
+            self.store.write_table("pair_barriers", pairs)
+            for i, (pn, pa) in enumerate(zip(naive, aligned)):
+                for kind, pr in (("naive", pn), ("aligned", pa)):
+                    t = pr.table()
+                    t["pair"], t["kind"] = i, kind
+                    paths.append(t)
+            a, b = rep.theta[0], rep.theta[1]
+            b_al, _ = align(prob, a, b, method=c.align)
+            if c.bezier_steps > 0:
+                bz = C.bezier_path(prob, a, b, steps=c.bezier_steps, n_points=c.n_points, seed=self.cfg.seed,
+                                   progress=self.progress)
+                t = bz.table()
+                t["pair"], t["kind"] = 0, "bezier"
+                paths.append(t)
+            if c.plane_steps >= 2:
+                pt = C.plane_through(prob, a, b, b_al, steps=c.plane_steps)
+                tab = pt.table()
+                self.store.write_table("plane_through", tab)
+                self.store.write_json("plane_through_points.json", pt.points)
+        if paths:
+            self.store.write_table("paths", pd.concat(paths, ignore_index=True))
+        if c.plane_steps >= 2:
+            pl = C.plane(prob, rep.theta[0], span=c.plane_span, steps=c.plane_steps, seed=self.cfg.seed)
+            self.store.write_table("plane_random", pl.table())
+        if c.widths:
+            self.store.write_table("width_barriers", self._width_experiment())
+        return {}
+
+    def _width_experiment(self) -> pd.DataFrame:
+        from .protocols import connect as C
+
+        c, t = self.cfg.connect, self.cfg.train
+        ds = self.problem.dataset
+        rows = []
+        for w in c.widths:
+            prob = build_problem(self.cfg, ds, hidden=w)
+            rep = train(prob, c.width_replicas, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
+                        optimizer=t.optimizer, momentum=t.momentum, seed=self.cfg.seed + 1000 + w,
+                        progress=self.progress)
+            ok = rep[torch.nonzero(rep.alive).flatten()]
+            if len(ok) < 2:
+                log(f"width {w}: fewer than 2 replicas converged, skipped")
+                continue
+            pairs, _, _ = C.pair_barriers(prob, ok.theta, pairs=len(ok) // 2, n_points=c.n_points, method=c.align)
+            for _, r in pairs.iterrows():
+                rows.append({"width": w, "n_params": prob.n_params, **r.to_dict(),
+                             "test_accuracy": float(ok.table["test_accuracy"].mean())})
+            log(f"width {w}: aligned barrier {pairs['barrier_aligned'].mean():.4f}, "
+                f"naive {pairs['barrier_naive'].mean():.4f}")
+        return pd.DataFrame(rows)
+
+    def stage_replicas(self) -> dict:
+        from .protocols import replicas as R
+
+        c = self.cfg.replicas
+        rep = self._alive()
+        check(len(rep) >= 3, f"the replicas stage needs at least 3 replicas, got {len(rep)}")
+        summary, pq_rows = [], []
+        for label, al in (("aligned", True), ("raw", False)):
+            q = R.overlaps(self.problem, rep, align=al, kind=c.kind).numpy()
+            self._replica_analysis(f"network-{label}", q, summary, pq_rows)
+        if c.kind != "functions":
+            q = R.overlaps(self.problem, rep, kind="functions").numpy()
+            self._replica_analysis("network-functions", q, summary, pq_rows)
+        self.store.write_table("replica_layers",
+                               R.layer_overlaps(self.problem, R.aligned_replicas(self.problem, rep.theta)))
+        self._write_replica_tables(summary, pq_rows)
+        return {}
+
+    def _replica_analysis(self, label: str, q: np.ndarray, summary: list, pq_rows: list) -> None:
+        from .protocols import replicas as R
+
+        c = self.cfg.replicas
+        d = R.distances_from_overlaps(q)
+        h = R.hierarchy(d, method=c.method)
+        u = R.ultrametricity(d, max_triangles=c.max_triangles, seed=self.cfg.seed)
+        pq = R.overlap_distribution(q)
+        k = q.shape[0]
+        ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        self.store.write_table(f"overlaps_{label}", pd.DataFrame({"a": ii.ravel(), "b": jj.ravel(), "q": q.ravel()}))
+        self.store.write_table(f"linkage_{label}", pd.DataFrame(h.linkage, columns=["left", "right", "height", "size"]))
+        self.store.write_json(f"order_{label}.json", h.order)
+        tri = pd.DataFrame(u.sides[:5000], columns=["d_min", "d_mid", "d_max"])
+        self.store.write_table(f"triangles_{label}", tri)
+        pq_rows.append(pd.DataFrame({"label": label, "q": pq.q}))
+        summary.append({"system": label, "replicas": k, **pq.moments, "cophenetic": h.cophenetic, **u.summary})
+
+    def _write_replica_tables(self, summary, pq_rows) -> None:
+        name = "replica_summary"
+        old = self.store.read_table(name) if self.store.has_table(name) else pd.DataFrame()
+        new = pd.DataFrame(summary)
+        if len(old):
+            old = old[~old["system"].isin(new["system"])]
+        self.store.write_table(name, pd.concat([old, new], ignore_index=True))
+        oldq = self.store.read_table("pq") if self.store.has_table("pq") else pd.DataFrame()
+        newq = pd.concat(pq_rows, ignore_index=True)
+        if len(oldq):
+            oldq = oldq[~oldq["label"].isin(newq["label"])]
+        self.store.write_table("pq", pd.concat([oldq, newq], ignore_index=True))
+
+    def stage_curvature(self) -> dict:
+        from .protocols import curvature as K
+
+        c = self.cfg.curvature
+        rep = self._alive()
+        prob = subset_problem(self.problem, c.n_hvp_data)
+        df = K.flatness_table(prob, rep, rho=c.rho, top_k=c.top_k, tol=c.tol, trace_probes=c.trace_probes,
+                              n_samples=c.n_samples, seed=self.cfg.seed)
+        self.store.write_table("flatness", df)
+        taus = pd.concat([K.rank_correlations(df, target=t, seed=self.cfg.seed) for t in ("gap_error", "gap_loss",
+                                                                                            "test_error")])
+        self.store.write_table("kendall", taus)
+        if c.density:
+            rows = []
+            for label, idx in (("flattest", int(df["lambda_max"].idxmin())), ("sharpest", int(df["lambda_max"].idxmax()))):
+                sd = K.spectral_density(prob, rep.theta[idx], steps=c.slq_steps, seed=self.cfg.seed)
+                rows.append(pd.DataFrame({"label": label, "replica": idx, "eigenvalue": sd.grid, "density": sd.density}))
+            self.store.write_table("spectral_density", pd.concat(rows, ignore_index=True))
+        return {}
+
+    def stage_reference(self) -> dict:
+        """The spherical p-spin glass and a convex control through the same replica pipeline."""
+        from .models import quadratic, spherical_pspin
+        from .protocols import walk as W
+        from .train import descend
+
+        c = self.cfg.reference
+        ps = spherical_pspin(c.n_spins, c.p, seed=self.cfg.seed)
+        s0 = ps.init(c.replicas, self.cfg.seed)
+        s = descend(ps, s0, steps=c.steps, lr=c.lr, progress=self.progress)
+        e = ps.energy(s)
+        q = ((s @ s.T) / c.n_spins).double().numpy()
+        summary, pq_rows = [], []
+        self._replica_analysis(f"{c.p}-spin", q, summary, pq_rows)
+        summary[-1]["energy_mean"] = float(e.mean())
+        summary[-1]["energy_min"] = float(e.min())
+        # convex control: one basin, replicas = thermal samples of a quadratic well (replica symmetric)
+        n = c.n_spins
+        g = torch.Generator().manual_seed(self.cfg.seed)
+        evals = torch.linspace(0.5, 2.0, n, dtype=torch.float64)
+        qmat, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+        quad = quadratic(qmat @ torch.diag(evals) @ qmat.T)
+        centre = torch.ones(n, dtype=torch.float64)
+        samp = W.langevin(quad, torch.zeros(n, dtype=torch.float64), temperature=0.05, lr=0.05, steps=400,
+                          n_walkers=c.replicas, seed=self.cfg.seed, progress=False)
+        x = samp.theta.double() + centre
+        qc = _cosine_np(x.numpy())
+        self._replica_analysis("convex-control", qc, summary, pq_rows)
+        summary[-1]["energy_mean"] = float(quad.energy(samp.theta).mean())
+        self._write_replica_tables(summary, pq_rows)
+        self.store.write_table("reference_energies", pd.DataFrame({"replica": np.arange(len(e)), "energy": e.numpy()}))
+        return {"pspin_energy_mean": float(e.mean())}
+
+    def stage_report(self) -> dict:
+        from .report import build_report
+
+        build_report(self.store)
+        return {}
+
+
+def _cosine_np(x: np.ndarray) -> np.ndarray:
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return np.clip(u @ u.T, -1, 1)
+
+
+def run_study(config, out=None, *, stages=STAGES, force: bool = False, progress: bool = True,
+              overrides: list[str] | None = None) -> RunStore:
+    """Run a study: ``config`` is a :class:`StudyConfig`, a TOML path or a preset name; ``out`` the run folder
+    (default ``runs/<name>``). Returns the :class:`RunStore`."""
+    if isinstance(config, StudyConfig):
+        cfg = config
+    elif isinstance(config, (str, Path)) and Path(config).suffix == ".toml":
+        cfg = load_config(config, overrides=overrides)
+    else:
+        cfg = load_config(preset=str(config), overrides=overrides)
+    out = Path(out) if out is not None else Path("runs") / cfg.name
+    return Study(cfg, out, progress=progress).run(stages, force=force)
