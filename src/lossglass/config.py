@@ -110,6 +110,8 @@ class CurvatureConfig(_Section):
     rho: float = Field(0.05, gt=0)
     n_samples: PositiveInt = 8
     n_hvp_data: PositiveInt | None = None
+    entropy_radius: float = Field(0.3, gt=0)
+    entropy_epsilon: float = Field(0.05, gt=0)
 
 
 class ReferenceConfig(_Section):
@@ -118,7 +120,7 @@ class ReferenceConfig(_Section):
     p: Literal[2, 3] = 3
     replicas: PositiveInt = 32
     steps: PositiveInt = 2000
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.2, gt=0)
 
 
 class StudyConfig(_Section):

@@ -317,7 +317,8 @@ class Study:
         rep = self._alive()
         prob = subset_problem(self.problem, c.n_hvp_data)
         df = K.flatness_table(prob, rep, rho=c.rho, top_k=c.top_k, tol=c.tol, trace_probes=c.trace_probes,
-                              n_samples=c.n_samples, seed=self.cfg.seed)
+                              n_samples=c.n_samples, entropy_radius=c.entropy_radius,
+                              entropy_epsilon=c.entropy_epsilon, seed=self.cfg.seed)
         self.store.write_table("flatness", df)
         taus = pd.concat([K.rank_correlations(df, target=t, seed=self.cfg.seed) for t in ("gap_error", "gap_loss",
                                                                                             "test_error")])
@@ -339,7 +340,8 @@ class Study:
         c = self.cfg.reference
         ps = spherical_pspin(c.n_spins, c.p, seed=self.cfg.seed)
         s0 = ps.init(c.replicas, self.cfg.seed)
-        s = descend(ps, s0, steps=c.steps, lr=c.lr, progress=self.progress)
+        # the gradient of the energy per spin is O(1/N) per component: the step is lr * N * grad(H/N)
+        s = descend(ps, s0, steps=c.steps, lr=c.lr * c.n_spins, progress=self.progress)
         e = ps.energy(s)
         q = ((s @ s.T) / c.n_spins).double().numpy()
         summary, pq_rows = [], []

@@ -305,7 +305,8 @@ def local_entropy(problem: Problem, theta, *, radius: float = 0.05, epsilon: flo
 
 # ---------------------------------------------------------------------------- the generalisation study
 def flatness_table(problem: Problem, replicas: Replicas, *, rho: float = 0.05, top_k: int = 1, tol: float = 1e-3,
-                   trace_probes: int = 12, n_samples: int = 8, seed: int = 0) -> pd.DataFrame:
+                   trace_probes: int = 12, n_samples: int = 8, entropy_radius: float = 0.3,
+                   entropy_epsilon: float = 0.05, seed: int = 0) -> pd.DataFrame:
     """Every flatness measure for every replica, beside its test error and generalisation gap."""
     theta = replicas.theta
     eig = top_eigenvalues(problem, theta, k=top_k, tol=tol, seed=seed)
@@ -317,7 +318,8 @@ def flatness_table(problem: Problem, replicas: Replicas, *, rho: float = 0.05, t
     df["sharpness_average"] = sharpness(problem, theta, rho, "average", n_samples=n_samples, seed=seed).cpu().numpy()
     df["sharpness_worst"] = sharpness(problem, theta, rho, "worst", seed=seed).cpu().numpy()
     df["sharpness_keskar"] = sharpness(problem, theta, rho * 0.1, "keskar", seed=seed).cpu().numpy()
-    df["local_entropy"] = local_entropy(problem, theta, radius=rho, n_samples=4 * n_samples, seed=seed).cpu().numpy()
+    df["local_entropy"] = local_entropy(problem, theta, radius=entropy_radius, epsilon=entropy_epsilon,
+                                        n_samples=4 * n_samples, seed=seed).cpu().numpy()
     df["weight_norm"] = theta.norm(dim=1).cpu().numpy()
     df["test_error"] = 1 - df["test_accuracy"]
     return df

@@ -1,0 +1,135 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lossglass as lg
+
+
+def _module_loss(prob, theta, x, y):
+    m = prob.to_module(theta)
+    out = m(x)
+    return F.cross_entropy(out, y), (out.argmax(1) == y).double().mean()
+
+
+@pytest.mark.parametrize("hidden", [5, [7, 6]])
+def test_batched_energy_equals_plain_forward(teacher_ds, hidden):
+    prob = lg.Problem(lg.models.mlp(8, hidden, 3), teacher_ds, device="cpu")
+    theta = prob.init(5, seed=1)
+    tr, te = prob.evaluate(theta, "train"), prob.evaluate(theta, "test")
+    for k in range(5):
+        for split, res in (("train", tr), ("test", te)):
+            x, y = prob.data[split]
+            loss, acc = _module_loss(prob, theta[k], x, y)
+            assert abs(float(res["loss"][k]) - float(loss)) < 1e-5
+            assert abs(float(res["accuracy"][k]) - float(acc)) < 1e-6
+    assert torch.allclose(prob.energy(theta[2]), tr["loss"][2])
+
+
+class Odd(nn.Module):
+    """Not a Sequential: takes the generic functional_call + vmap path."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * 2)
+
+
+def test_generic_vmap_path_matches_module(teacher_ds):
+    prob = lg.Problem(Odd(), teacher_ds, device="cpu")
+    assert not prob.is_mlp
+    theta = prob.init(3, seed=0)
+    e = prob.energy(theta)
+    x, y = prob.data["train"]
+    for k in range(3):
+        assert abs(float(e[k]) - float(_module_loss(prob, theta[k], x, y)[0])) < 1e-5
+
+
+def test_grad_equals_autograd_on_module(tiny):
+    theta = tiny.init(2, seed=3)
+    g = tiny.grad(theta)
+    x, y = tiny.data["train"]
+    for k in range(2):
+        m = tiny.to_module(theta[k])
+        F.cross_entropy(m(x), y).backward()
+        ref = torch.cat([p.grad.reshape(-1) for p in m.parameters()])
+        assert torch.allclose(g[k], ref, atol=1e-10)
+
+
+def test_hvp_equals_dense_hessian(tiny):
+    theta = tiny.init(1, seed=4)[0]
+    x, y = tiny.data["train"]
+    h = torch.autograd.functional.hessian(lambda t: tiny.batch_loss(t.unsqueeze(0), x, y)[0], theta)
+    v = torch.randn(tiny.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(tiny.hvp(theta, v), h @ v, atol=1e-10)
+    vv = torch.stack([v, 2 * v])
+    th2 = torch.stack([theta, theta])
+    assert torch.allclose(tiny.hvp(th2, vv)[1], 2 * (h @ v), atol=1e-10)
+
+
+def test_chunking_does_not_change_results(teacher_ds):
+    big = lg.Problem(lg.models.mlp(8, 5, 3), teacher_ds, device="cpu", dtype=torch.float64)
+    small = lg.Problem(lg.models.mlp(8, 5, 3), teacher_ds, device="cpu", dtype=torch.float64, memory_mb=0.001)
+    assert small.chunk_size(4) < 300  # really chunked
+    theta = big.init(4, 0)
+    assert torch.allclose(big.energy(theta), small.energy(theta), atol=1e-12)
+    assert torch.allclose(big.grad(theta), small.grad(theta), atol=1e-12)
+    v = torch.randn_like(theta)
+    assert torch.allclose(big.hvp(theta, v), small.hvp(theta, v), atol=1e-10)
+
+
+def test_evaluate_affine_matches_direct(tiny):
+    c = tiny.init(3, 0)
+    d = torch.randn(2, tiny.n_params, dtype=torch.float64)
+    coeffs = torch.randn(7, 2, dtype=torch.float64)
+    fast = tiny.evaluate_affine(c[0], d, coeffs, "test")
+    direct = tiny.evaluate(c[0] + coeffs @ d, "test")
+    assert torch.allclose(fast["loss"], direct["loss"], atol=1e-10)
+    assert torch.allclose(fast["accuracy"], direct["accuracy"])
+    # several families at once
+    dd = torch.randn(3, 1, tiny.n_params, dtype=torch.float64)
+    cc = torch.rand(3, 5, 1, dtype=torch.float64)
+    many = tiny.evaluate_affine(c, dd, cc)["loss"]
+    for m in range(3):
+        assert torch.allclose(many[m], tiny.energy(c[m] + cc[m] @ dd[m]), atol=1e-10)
+
+
+def test_init_is_seeded_per_replica(tiny):
+    a, b = tiny.init(4, seed=7), tiny.init(6, seed=7)
+    assert torch.equal(a, b[:4])
+    assert not torch.equal(tiny.init(2, 8), a[:2])
+    assert torch.equal(tiny.init(2, 7, ids=[3, 1]), a[[3, 1]])
+
+
+def test_bad_inputs(tiny, teacher_ds):
+    with pytest.raises(lg.LossglassError, match=r"shape \(63,\) or \(K, 63\)"):
+        tiny.energy(torch.zeros(62, dtype=torch.float64))
+    with pytest.raises(lg.LossglassError, match="unknown loss 'hinge'"):
+        lg.Problem(lg.models.mlp(8, 5, 3), teacher_ds, loss="hinge")
+    with pytest.raises(lg.LossglassError, match="expected \\(2, 3\\)"):
+        lg.Problem(lg.models.mlp(8, 5, 4), teacher_ds)
+    with pytest.raises(lg.LossglassError, match="unknown split"):
+        tiny.evaluate(tiny.init(1, 0), "val")
+    with pytest.raises(lg.LossglassError, match="hidden widths must be positive"):
+        lg.models.mlp(8, -3, 3)
+    with pytest.raises(lg.LossglassError, match="unknown device"):
+        lg.Problem(lg.models.mlp(8, 5, 3), teacher_ds, device="tpu9")
+    with pytest.raises(lg.LossglassError, match="fn must map"):
+        lg.Problem.from_function(lambda t: t, 3)
+
+
+def test_function_problem_and_mse(teacher_ds):
+    quad = lg.models.quadratic(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
+    th = torch.tensor([[1.0, 1.0, 1.0], [0.0, 1.0, 0.0]], dtype=torch.float64)
+    assert torch.allclose(quad.energy(th), torch.tensor([3.0, 1.0], dtype=torch.float64))
+    assert torch.allclose(quad.grad(th), th * torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert torch.allclose(quad.hvp(th, th), quad.grad(th))
+    prob = lg.Problem(lg.models.mlp(8, 5, 3), teacher_ds, loss="mse", dtype=torch.float64)
+    theta = prob.init(1, 0)[0]
+    x, y = prob.data["train"]
+    out = prob.to_module(theta)(x)
+    ref = 0.5 * (out - F.one_hot(y, 3).double()).pow(2).sum(1).mean()
+    assert abs(float(prob.energy(theta)) - float(ref)) < 1e-12
