@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import lossglass as lg
+from lossglass.protocols.connect import barrier_of, filter_normalize, width_barrier_fit
+
+from .conftest import needs_fmnist
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "deep"])
+def test_permuted_network_computes_the_same_function(request, fixture):
+    prob = request.getfixturevalue(fixture)
+    theta = prob.init(2, 0)
+    perm = lg.random_permutation(prob, seed=3)
+    moved = lg.permute(prob, theta, perm)
+    assert not torch.allclose(moved, theta)
+    x = prob.data["test"][0]
+    assert torch.allclose(prob.forward(moved, x), prob.forward(theta, x), atol=1e-12)
+    # per-replica permutations
+    batch = {k: torch.stack([v, v.flip(0)]) for k, v in perm.items()}
+    assert torch.allclose(prob.forward(lg.permute(prob, theta, batch), x), prob.forward(theta, x), atol=1e-12)
+
+
+@pytest.mark.parametrize("fixture,method", [("tiny", "weight"), ("deep", "weight"), ("tiny", "activation"),
+                                            ("deep", "activation")])
+def test_align_recovers_an_applied_permutation_exactly(request, fixture, method):
+    prob = request.getfixturevalue(fixture)
+    theta = lg.train(prob, 1, epochs=2, batch_size=32, lr=0.1, progress=False).theta[0]
+    moved = lg.permute(prob, theta, lg.random_permutation(prob, seed=11))
+    aligned, perm = lg.align(prob, theta, moved, method=method)
+    assert float((aligned - theta).norm()) == 0.0
+
+
+def test_swap_permutation_moves_exactly_k_units(tiny):
+    for k in (0, 2, 3, 5):
+        p = lg.swap_permutation(tiny, k, seed=1)["P0"]
+        assert int((p != torch.arange(5)).sum()) == k
+    with pytest.raises(lg.LossglassError, match="k must be 0 or between 2 and 5"):
+        lg.swap_permutation(tiny, 1)
+
+
+def test_barrier_zero_between_minimisers_of_a_convex_problem():
+    # E = (theta_0)^2 / 2 + (theta_1 - 1)^2 / 2 is convex with a valley of minimisers along theta_2
+    prob = lg.Problem.from_function(lambda t: 0.5 * t[:, 0] ** 2 + 0.5 * (t[:, 1] - 1) ** 2, 3, dtype=torch.float64)
+    a = torch.tensor([0.0, 1.0, -2.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 1.0, 5.0], dtype=torch.float64)
+    assert lg.interpolate(prob, a, b, n_points=11).barrier == 0.0
+    # convex, different minimum values at the ends: the line lies under the chord, barrier <= 0 -> max is 0 at ends
+    assert lg.interpolate(prob, a, b + 1.0, n_points=11).barrier <= 1e-12
+
+
+def test_barrier_on_a_hand_made_path_equals_the_formula():
+    # double well: E = (x^2 - 1)^2 from -1 to +1: E(t) = ((2t-1)^2 - 1)^2, chord 0, barrier at t=1/2 equals 1
+    prob = lg.models.double_well(1)
+    res = lg.interpolate(prob, torch.tensor([-1.0], dtype=torch.float64), torch.tensor([1.0], dtype=torch.float64),
+                         n_points=21)
+    t = res.alphas
+    assert np.allclose(res.train_loss, ((2 * t - 1) ** 2 - 1) ** 2)
+    assert res.barrier == pytest.approx(1.0)
+    assert barrier_of(np.array([0, 0.5, 1]), np.array([1.0, 4.0, 3.0])) == pytest.approx(2.0)
+
+
+def test_bezier_finds_a_low_curved_path_where_the_line_is_blocked():
+    # a bump just above the segment from A=(-1,0) to B=(1,0); a detour below it avoids it
+    def fn(t):
+        return 3 * torch.exp(-(t[:, 0] ** 2 + (t[:, 1] - 0.1) ** 2) / 0.1)
+
+    prob = lg.Problem.from_function(fn, 2, dtype=torch.float64)
+    a = torch.tensor([-1.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([1.0, 0.0], dtype=torch.float64)
+    prob_line = lg.interpolate(prob, a, b)
+    curve = lg.bezier_path(prob, a, b, steps=300, lr=0.05, seed=0, progress=False)
+    assert prob_line.barrier > 2.5
+    assert curve.barrier < 0.1 * prob_line.barrier
+    assert curve.train_loss[0] == pytest.approx(prob.energy(a).item())
+
+
+def test_planes(tiny):
+    theta = lg.train(tiny, 3, epochs=2, batch_size=32, lr=0.1, progress=False).theta
+    pl = lg.plane(tiny, theta[0], steps=5, span=0.5)
+    assert pl.train_loss.shape == (5, 5)
+    assert pl.train_loss[2, 2] == pytest.approx(float(tiny.energy(theta[0])))
+    d = pl.directions
+    assert torch.allclose(tiny.energy(theta[0] + 0.5 * d[0] - 0.25 * d[1]).double(),
+                          torch.tensor(pl.train_loss[4, 1], dtype=torch.float64))
+    fn = filter_normalize(tiny, torch.randn(tiny.n_params, dtype=torch.float64), theta[0])
+    w = tiny._info["0.weight"]
+    assert torch.allclose(fn[w.slice].reshape(w.shape).norm(dim=1), theta[0, w.slice].reshape(w.shape).norm(dim=1))
+    assert float(fn[tiny._info["0.bias"].slice].abs().sum()) == 0.0
+    thr = lg.plane_through(tiny, theta[0], theta[1], theta[2], steps=6)
+    (bx, by), (cx, cy) = thr.points["B"], thr.points["C"]
+    assert (bx, by) == (1.0, 0.0)
+    rec = theta[0] + cx * thr.directions[0] + cy * thr.directions[1]
+    assert torch.allclose(rec, theta[2], atol=1e-10)
+
+
+def test_permutation_and_pair_barriers_tables(tiny):
+    reps = lg.train(tiny, 4, epochs=3, batch_size=32, lr=0.1, progress=False)
+    pb = lg.permutation_barriers(tiny, reps.theta[0], swaps=[0, 2, 5])
+    assert pb["barrier"].iloc[0] == 0.0 and list(pb["k"]) == [0, 2, 5]
+    df, naive, aligned = lg.pair_barriers(tiny, reps.theta, pairs=2)
+    assert len(df) == 2 and (df["distance_aligned"] <= df["distance_naive"] + 1e-9).all()
+    assert width_barrier_fit([16, 64, 256], [0.4, 0.2, 0.1])["beta"] == pytest.approx(0.5)
+
+
+def test_bad_symmetry_inputs(tiny, deep, teacher_ds):
+    theta = tiny.init(1, 0)[0]
+    with pytest.raises(lg.LossglassError, match="must have length 5"):
+        lg.permute(tiny, theta, {"P0": torch.arange(4)})
+    with pytest.raises(lg.LossglassError, match="not a bijection"):
+        lg.permute(tiny, theta, {"P0": torch.tensor([0, 0, 1, 2, 3])})
+    with pytest.raises(lg.LossglassError, match="unknown permutation"):
+        lg.permute(tiny, theta, {"P7": torch.arange(5)})
+    with pytest.raises(lg.LossglassError, match=r"reference must have shape \(63,\)"):
+        lg.align(tiny, deep.init(1, 0)[0], theta)
+    with pytest.raises(lg.LossglassError, match="a and b must have the same shape"):
+        lg.interpolate(tiny, theta, torch.stack([theta, theta]))
+
+    class Custom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.out = nn.Linear(8, 4), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.inp(x)))
+
+    prob = lg.Problem(Custom(), teacher_ds, dtype=torch.float64)
+    with pytest.raises(lg.LossglassError, match="declare it"):
+        lg.random_permutation(prob)
+    prob.spec = lg.PermutationSpec({"h": (("inp.weight", 0), ("inp.bias", 0), ("out.weight", 1))})
+    th = prob.init(1, 0)[0]
+    moved = lg.permute(prob, th, lg.random_permutation(prob, 2))
+    x = prob.data["test"][0]
+    assert torch.allclose(prob.forward(moved[None], x), prob.forward(th[None], x), atol=1e-12)
+    assert float((lg.align(prob, th, moved)[0] - th).norm()) == 0.0
+    prob.spec = lg.PermutationSpec({"h": (("inp.weight", 0), ("out.weight", 0))})
+    with pytest.raises(lg.LossglassError, match="axes of different sizes"):
+        lg.random_permutation(prob)
+
+
+@pytest.mark.slow
+@needs_fmnist
+def test_aligned_barrier_below_naive_on_fashion_mnist(fmnist):
+    prob = lg.Problem(lg.models.mlp(784, 128, 10), fmnist, device="cpu")
+    reps = lg.train(prob, 2, epochs=3, batch_size=128, lr=0.05, seed=0, progress=False)
+    df, _, _ = lg.pair_barriers(prob, reps.theta, pairs=1)
+    assert df["barrier_aligned"].iloc[0] < df["barrier_naive"].iloc[0]
+    assert df["barrier_naive"].iloc[0] > 0.05
