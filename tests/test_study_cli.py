@@ -3,10 +3,8 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
-import pytest
 import torch
 
 import lossglass as lg

@@ -4,8 +4,16 @@ from . import datasets, models
 from .errors import LossglassError
 from .problem import FunctionProblem, Problem
 from .protocols import curvature
-from .protocols.connect import (PathResult, PlaneResult, bezier_path, interpolate, pair_barriers,
-                                permutation_barriers, plane, plane_through)
+from .protocols.connect import (
+    PathResult,
+    PlaneResult,
+    bezier_path,
+    interpolate,
+    pair_barriers,
+    permutation_barriers,
+    plane,
+    plane_through,
+)
 from .protocols.curvature import local_entropy, sharpness
 from .protocols.replicas import hierarchy, overlap_distribution, overlaps, ultrametricity
 from .protocols.walk import WalkResult, aging, basin_radius, langevin, msd, random_walk

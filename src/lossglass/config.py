@@ -4,11 +4,11 @@ reported as one line naming the key and what is expected."""
 from __future__ import annotations
 
 import copy
-import tomllib
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from .errors import LossglassError, check

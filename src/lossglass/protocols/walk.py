@@ -117,7 +117,6 @@ def _run(problem: Problem, start, n_walkers: int, steps: int, seed: int, record_
     theta, start_idx = _starts(problem, start, n_walkers)
     w = theta.shape[0]
     theta0 = theta.clone()
-    dev = problem.device
     has_test = not isinstance(problem, FunctionProblem)
     ev = problem.evaluate(theta, "train")
     e, acc = ev["loss"], ev["accuracy"]
@@ -299,7 +298,8 @@ def summarize(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> dict:
            "acceptance": float(result.acceptance_rate.mean()), "msd_alpha": alpha,
            "energy_start": float(np.nanmean(result.energy[0].numpy())),
            "energy_end": float(np.nanmean(result.energy[-1].numpy())),
-           "stopped_walkers": int((~result.alive).sum())}
+           "stopped_walkers": int((~result.alive).sum()),
+           "distance_max": float(np.nanmax(result.distance.numpy()))}
     for delta, grp in br.groupby("delta"):
         r = grp["radius"].to_numpy()
         out[f"radius_{delta:g}_median"] = float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan")

@@ -182,11 +182,16 @@ def _walk(r: _Report) -> None:
                  "shift to longer lags as t_w grows, the system ages like a glass.")
     r.df(s)
     for _, row in s.iterrows():
-        cols = [c for c in s.columns if c.startswith("radius_") and c.endswith("_median")]
-        if cols:
-            rad = row[cols[len(cols) // 2]]
-            r.add_summary(f"Basin radius ({row['label']}, {cols[len(cols) // 2][7:-7]} rise)", _fmt(rad),
+        deltas = [c[7:-7] for c in s.columns if c.startswith("radius_") and c.endswith("_median")]
+        reached = [d for d in deltas if row.get(f"radius_{d}_reached", 0) >= 0.5]
+        if reached:
+            d = reached[-1]
+            r.add_summary(f"Basin radius ({row['label']}, loss rise {d})", _fmt(row[f"radius_{d}_median"]),
                           "Median distance a walker travels before the training loss rises by that amount.")
+        elif deltas:
+            r.add_summary(f"Basin radius ({row['label']}, loss rise {deltas[0]})",
+                          f"beyond {row['distance_max']:.4g}" if "distance_max" in row else "not reached",
+                          "The loss never rose that much within the distance walked: the basin is wider than the walk.")
         r.add_summary(f"MSD exponent ({row['label']})", _fmt(row["msd_alpha"]),
                       "1 = free diffusion; below 1 = walkers confined by the landscape.")
 
