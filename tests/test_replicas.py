@@ -130,3 +130,17 @@ def test_bad_distance_matrices():
             lg.hierarchy(bad)
     with pytest.raises(lg.LossglassError, match="unknown linkage method"):
         lg.hierarchy(good, method="median")
+
+
+def test_reference_choice_does_not_change_overlaps_beyond_noise(tiny):
+    reps = lg.train(tiny, 8, epochs=3, batch_size=32, lr=0.1, progress=False)
+    q_mean = lg.overlaps(tiny, reps).numpy()
+    iu = np.triu_indices(8, 1)
+    shuffled = reps.theta[torch.tensor([5, 1, 2, 3, 4, 0, 6, 7])]  # a different replica starts the frame
+    q_other = lg.overlaps(tiny, shuffled).numpy()
+    perm = [5, 1, 2, 3, 4, 0, 6, 7]
+    q_other = q_other[np.ix_(np.argsort(perm), np.argsort(perm))]
+    assert abs(q_mean[iu].mean() - q_other[iu].mean()) < 0.02
+    # aligning to one replica biases its own overlaps upwards; the barycentre does not single anyone out
+    q_ref = lg.overlaps(tiny, reps, reference=0).numpy()
+    assert q_ref[0, 1:].mean() >= q_ref[iu].mean()

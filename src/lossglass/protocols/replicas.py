@@ -28,12 +28,29 @@ def _theta(replicas) -> torch.Tensor:
     return replicas.theta if isinstance(replicas, Replicas) else torch.as_tensor(replicas)
 
 
-def aligned_replicas(problem: Problem, replicas, *, reference: int = 0, method: str = "weight") -> torch.Tensor:
-    """Every replica permuted to best match replica ``reference`` (which is left unchanged)."""
+def aligned_replicas(problem: Problem, replicas, *, reference: int | str = "mean", method: str = "weight",
+                     max_iter: int = 10) -> torch.Tensor:
+    """Every replica permuted into one common frame.
+
+    ``reference=k``: aligned to replica k (which then looks closer to everyone than the others do: the
+    alignment maximises overlaps with it). ``reference="mean"`` (default) removes that bias: start from
+    replica 0's frame, then repeatedly align every replica to the mean of the aligned set until no permutation
+    changes (the barycentre, as in Ainsworth et al.'s MergeMany); no replica is special."""
     theta = _theta(replicas)
-    check(0 <= reference < theta.shape[0], f"reference must be in 0..{theta.shape[0] - 1}, got {reference}")
-    aligned, _ = align_fn(problem, theta[reference], theta, method=method)
-    aligned[reference] = theta[reference]
+    k = theta.shape[0]
+    if reference != "mean":
+        check(isinstance(reference, int) and 0 <= reference < k, f"reference must be 'mean' or in 0..{k - 1}, got {reference!r}")
+        aligned, _ = align_fn(problem, theta[reference], theta, method=method)
+        aligned[reference] = theta[reference]
+        return aligned
+    aligned, perm = align_fn(problem, theta[0], theta, method=method)
+    for _ in range(max_iter):
+        centre = aligned.mean(0)
+        new, new_perm = align_fn(problem, centre, theta, method=method)
+        same = all(torch.equal(perm[n], new_perm[n]) for n in perm)
+        aligned, perm = new, new_perm
+        if same:
+            break
     return aligned
 
 
@@ -44,7 +61,7 @@ def _cosine(v: torch.Tensor) -> torch.Tensor:
     return (u @ u.T).clamp(-1, 1)
 
 
-def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "weights", reference: int = 0,
+def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "weights", reference: int | str = "mean",
              method: str = "weight", n_samples: int = 2000) -> torch.Tensor:
     """The ``(K, K)`` overlap matrix q_ab.
 
@@ -52,8 +69,9 @@ def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "wei
     - ``activations``: the same on the centred hidden activations (each unit minus its mean over inputs)
       of ``n_samples`` test inputs, all hidden layers concatenated (centred correlation).
     - ``functions``: the fraction of test inputs on which replicas a and b predict the same class.
-    With ``align=True`` (weights/activations) every replica is first aligned to replica ``reference``, so the
-    permutation symmetry does not hide the structure. Function overlaps need no alignment.
+    With ``align=True`` (weights/activations) every replica is first brought into one frame (by default the
+    barycentre of the aligned set, see :func:`aligned_replicas`), so the permutation symmetry does not hide the
+    structure. Function overlaps need no alignment.
     """
     choice("overlap kind", kind, KINDS)
     theta = _theta(replicas).to(problem.device, problem.dtype)

@@ -307,7 +307,7 @@ def _replicas(r: _Report) -> None:
         q = ov["q"].to_numpy().reshape(k, k)
         order = r.store.read_json(f"order_{lbl}.json")
         tri = r.table(f"triangles_{lbl}")
-        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
         _dendrogram(axes[0], lk)
         axes[0].set_title(f"dendrogram — {lbl}")
         im = axes[1].imshow(q[np.ix_(order, order)], cmap="viridis")
