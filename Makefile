@@ -38,9 +38,17 @@ test: venv
 lint: venv
 	$(BIN)/ruff check src tests benchmarks
 
-bench: venv data
-	$(PIP) -r benchmarks/requirements.txt
-	$(BIN)/python benchmarks/run_all.py
+BENCH := .venv-bench/bin
+
+$(BENCH)/.installed: pyproject.toml constraints.txt benchmarks/requirements.txt
+	$(PY) -m venv .venv-bench
+	$(BENCH)/pip install -q -c constraints.txt torch==2.13.0
+	$(BENCH)/pip install -q -c constraints.txt -e . -r benchmarks/requirements.txt
+	touch $@
+
+# side-by-side benchmarks in their own environment (the peers never enter .venv), writes BENCHMARKS.md
+bench: $(BENCH)/.installed data
+	$(BENCH)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) runs build *.egg-info
+	rm -rf $(VENV) .venv-bench runs build *.egg-info

@@ -93,6 +93,7 @@ class Problem:
         check(off > 0, "model has no parameters")
         self.n_params = off
         self._info = {p.name: p for p in self.params}
+        self._index = {p.name: i for i, p in enumerate(self.params)}
         self.buffers = {k: v for k, v in self.model.named_buffers()}
         self.data = {
             "train": (dataset.x_train.to(self.device, dtype), dataset.y_train.to(self.device)),
@@ -175,17 +176,29 @@ class Problem:
             return self._forward_vmap(theta, x)
         return self._forward_mlp(theta, x)
 
-    def _linear(self, theta: torch.Tensor, layer: _Linear, h: torch.Tensor) -> torch.Tensor:
+    def split(self, theta: torch.Tensor, *, leaf: bool = False) -> list[torch.Tensor]:
+        """``(K, P)`` -> one ``(K, *shape)`` view per parameter tensor; with ``leaf=True`` each is a fresh
+        autograd leaf, so a backward pass writes one gradient per tensor instead of zero-filling (K, P) per
+        parameter (what slicing one big leaf costs)."""
         k = theta.shape[0]
-        out_dim, in_dim = layer.w.shape
-        w = theta[:, layer.w.slice].view(k, out_dim, in_dim)
+        parts = [theta[:, p.slice].view(k, *p.shape) for p in self.params]
+        return [t.detach().requires_grad_(True) for t in parts] if leaf else parts
+
+    def _param(self, theta, info: ParamInfo) -> torch.Tensor:
+        if isinstance(theta, (list, tuple)):
+            return theta[self._index[info.name]]
+        return theta[:, info.slice].view(theta.shape[0], *info.shape)
+
+    def _linear(self, theta, layer: _Linear, h: torch.Tensor) -> torch.Tensor:
+        w = self._param(theta, layer.w)
+        k, out_dim, in_dim = w.shape
         if h.ndim == 2:  # shared input: one GEMM for all replicas
             n = h.shape[0]
             z = (h @ w.reshape(k * out_dim, in_dim).T).view(n, k, out_dim).transpose(0, 1)
         else:
             z = torch.bmm(h, w.transpose(1, 2))
         if layer.b is not None:
-            z = z + theta[:, layer.b.slice].view(k, 1, out_dim)
+            z = z + self._param(theta, layer.b).view(k, 1, out_dim)
         return z
 
     def _forward_mlp(self, theta: torch.Tensor, x: torch.Tensor, start: int = 0) -> torch.Tensor:
@@ -197,7 +210,7 @@ class Problem:
     def _forward_vmap(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         from torch.func import functional_call, vmap
 
-        params = self.unflatten(theta)
+        params = dict(zip(self._index, theta)) if isinstance(theta, (list, tuple)) else self.unflatten(theta)
 
         def f(p, xx):
             return functional_call(self.model, {**p, **self.buffers}, (xx,))
@@ -252,16 +265,28 @@ class Problem:
     def energy_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E, grad E)`` over the whole training set, accumulated chunk by chunk."""
         theta, single = self._prepare(theta)
-        theta = theta.detach().requires_grad_(True)
+        parts = self.split(theta, leaf=True)
         n_total = len(self.data["train"][1])
         e = torch.zeros(theta.shape[0], device=self.device, dtype=self.dtype)
-        g = torch.zeros_like(theta)
+        acc = [torch.zeros_like(t) for t in parts]
         for xb, yb in self._chunks("train", theta.shape[0]):
-            per = self._loss(self.forward(theta, xb), yb).sum(1) / n_total
-            gb, = torch.autograd.grad(per.sum(), theta)
+            per = self._loss(self.forward(parts, xb), yb).sum(1) / n_total
+            for a, gb in zip(acc, torch.autograd.grad(per.sum(), parts)):
+                a += gb
             e += per.detach()
-            g += gb
+        g = torch.cat([a.reshape(theta.shape[0], -1) for a in acc], 1)
         return (e[0], g[0]) if single else (e, g)
+
+    def batch_loss_and_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                            mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-replica mini-batch loss ``(K,)`` and its gradient ``(K, P)``; replicas where ``mask`` is False
+        (or whose loss is not finite) contribute nothing to the backward pass."""
+        parts = self.split(theta, leaf=True)
+        loss = self.batch_loss(parts, x, y)
+        keep = torch.isfinite(loss) if mask is None else (mask & torch.isfinite(loss))
+        total = torch.where(keep, loss, torch.zeros_like(loss)).sum()
+        grads = torch.autograd.grad(total, parts)
+        return loss.detach(), torch.cat([g.reshape(theta.shape[0], -1) for g in grads], 1)
 
     def grad(self, theta: torch.Tensor) -> torch.Tensor:
         """grad E(theta), same shape as theta (replicas are independent, so one backward serves all K)."""
@@ -273,14 +298,15 @@ class Problem:
         theta, single = self._prepare(theta)
         v, _ = as_batch(v.to(self.device, self.dtype), self.n_params, "v")
         check(v.shape == theta.shape, f"v has shape {tuple(v.shape)} but theta has {tuple(theta.shape)}")
-        theta = theta.detach().requires_grad_(True)
+        parts, vparts = self.split(theta, leaf=True), self.split(v)
         n_total = len(self.data["train"][1])
-        out = torch.zeros_like(theta)
+        acc = [torch.zeros_like(t) for t in parts]
         for xb, yb in self._chunks("train", theta.shape[0]):
-            per = self._loss(self.forward(theta, xb), yb).sum() / n_total
-            g, = torch.autograd.grad(per, theta, create_graph=True)
-            hv, = torch.autograd.grad(g, theta, grad_outputs=v)
-            out += hv
+            per = self._loss(self.forward(parts, xb), yb).sum() / n_total
+            gs = torch.autograd.grad(per, parts, create_graph=True)
+            for a, hv in zip(acc, torch.autograd.grad(gs, parts, grad_outputs=vparts)):
+                a += hv
+        out = torch.cat([a.reshape(theta.shape[0], -1) for a in acc], 1)
         return out[0] if single else out
 
     def _prepare(self, theta) -> tuple[torch.Tensor, bool]:
@@ -393,6 +419,13 @@ class FunctionProblem(Problem):
 
     def batch_loss(self, theta: torch.Tensor, x=None, y=None) -> torch.Tensor:
         return self._energy(theta)
+
+    def batch_loss_and_grad(self, theta, x=None, y=None, mask=None):
+        theta = theta.detach().requires_grad_(True)
+        loss = self._energy(theta)
+        keep = torch.isfinite(loss) if mask is None else (mask & torch.isfinite(loss))
+        g, = torch.autograd.grad(torch.where(keep, loss, torch.zeros_like(loss)).sum(), theta, allow_unused=True)
+        return loss.detach(), (torch.zeros_like(theta) if g is None else g)
 
     def energy_and_grad(self, theta):
         theta, single = self._prepare(theta)

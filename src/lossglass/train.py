@@ -2,7 +2,7 @@
 
 Each replica has its own initialisation and its own order of mini-batches, both drawn from the seed
 mixed from ``(seed, replica_id)``, so replica k is the same network whether it is trained among 16 or
-1,024 replicas. A replica whose loss or parameters become NaN/inf is frozen at its last finite state and
+1,024 replicas. A replica whose loss or parameters become NaN/inf is frozen at its state at the start of that epoch and
 flagged ``diverged``; the others go on.
 """
 
@@ -69,7 +69,7 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
           optimizer: str = "sgd", method: str = "sgd", momentum: float = 0.9, weight_decay: float = 0.0,
           seed: int = 0, replica_ids=None, theta0: torch.Tensor | None = None, rho: float = 0.05,
           temperature: float = 1e-5, gamma: tuple[float, float] = (1e-3, 1.0), lr_schedule: str = "constant",
-          checkpoint: str | os.PathLike | None = None, progress: bool = True) -> Replicas:
+          checkpoint: str | os.PathLike | None = None, progress: bool = True, evaluate: bool = True) -> Replicas:
     """Train K replicas of ``problem`` by mini-batch gradient descent, all in one vectorised loop.
 
     Update for replica a with gradient g_a of the mini-batch loss (+ weight_decay * theta_a):
@@ -83,6 +83,7 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
         growing geometrically from gamma[0] to gamma[1] over training (replicas are coupled by design).
     ``lr`` may be one number or one per replica. ``checkpoint`` is a file where the full state is written
     atomically after every epoch; training started again with the same file resumes from it.
+    ``evaluate=False`` skips the final train/test evaluation (the table's metrics are then NaN).
     """
     check(isinstance(n_replicas, int) and n_replicas > 0, f"n_replicas must be a positive int, got {n_replicas!r}")
     check(isinstance(epochs, int) and epochs > 0, f"epochs must be a positive int, got {epochs!r}")
@@ -133,7 +134,9 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {k} replicas", disable=not progress or None,
                leave=False, unit="step")
+    theta = theta.clone()
     for epoch in range(start_epoch, epochs):
+        safe = theta.clone()  # a diverging replica is restored to its state at the start of the epoch
         if not is_fn:  # per-replica order of mini-batches (RNG only: one permutation per replica)
             order = torch.stack([torch.randperm(n_data, generator=g) for g in batch_gens]).to(dev)
         for s in range(steps_per_epoch):
@@ -143,39 +146,54 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
                 xb = yb = None
             else:
                 idx = order[:, s * bsz:(s + 1) * bsz]
-                xb, yb = x_train[idx], y_train[idx]
+                flat = idx.reshape(-1)
+                xb = x_train.index_select(0, flat).view(k, bsz, -1)
+                yb = y_train.index_select(0, flat).view(k, bsz)
             loss, g = _loss_grad(problem, theta, xb, yb, alive)
+            bad = alive & ~torch.isfinite(loss)
+            if bad.any():
+                diverged_at[bad.cpu()] = step
+                alive = alive & ~bad
+                theta[bad] = safe[bad]
+                buf1[bad] = 0
+                buf2[bad] = 0
+            frozen = not bool(alive.all())
             if method == "sam":
                 eps = rho * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 _, g = _loss_grad(problem, theta + eps, xb, yb, alive)
+            if frozen:  # NaN rows can leak into a dead replica's gradient through its own weights
+                g[~alive] = 0
             if weight_decay:
-                g = g + weight_decay * theta
+                g = g.add(theta, alpha=weight_decay)
             if method == "replicated":
                 gam = gamma[0] * (gamma[1] / gamma[0]) ** frac
                 centre = theta[alive].mean(0, keepdim=True) if alive.any() else theta.mean(0, keepdim=True)
-                g = g + gam * (theta - centre)
+                g = g + gam * (theta - centre) * alive.unsqueeze(1)
             lr_t = (lrs * scale).unsqueeze(1)
             if optimizer == "sgd":
-                buf1 = momentum * buf1 + g
-                new = theta - lr_t * buf1
+                buf1.mul_(momentum).add_(g)
+                theta.addcmul_(buf1, lr_t, value=-1)
             else:
-                buf1 = 0.9 * buf1 + 0.1 * g
-                buf2 = 0.999 * buf2 + 0.001 * g * g
+                buf1.mul_(0.9).add_(g, alpha=0.1)
+                buf2.mul_(0.999).addcmul_(g, g, value=0.001)
                 t = step + 1
-                new = theta - lr_t * (buf1 / (1 - 0.9**t)) / ((buf2 / (1 - 0.999**t)).sqrt() + 1e-8)
+                denom = (buf2 / (1 - 0.999**t)).sqrt_().add_(1e-8)
+                theta.addcdiv_(buf1 * (lr_t / (1 - 0.9**t)), denom, value=-1)
             if method == "langevin":
-                new = new + (2 * lr_t * temperature).sqrt() * randn_per(noise_gens, problem.n_params, dev, dt)
-            new = problem.project(new)
-            ok = torch.isfinite(loss) & torch.isfinite(new).all(1)
-            newly = alive & ~ok
-            if newly.any():
-                diverged_at[newly.cpu()] = step
-                alive = alive & ok
-            theta = torch.where(alive.unsqueeze(1), new, theta)
+                noise = randn_per(noise_gens, problem.n_params, dev, dt)
+                theta.add_(noise * ((2 * lr_t * temperature).sqrt() * alive.unsqueeze(1)))
+            projected = problem.project(theta)
+            if projected is not theta:
+                theta = torch.where(alive.unsqueeze(1), projected, theta)
             step += 1
             bar.update(1)
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss[alive].mean().item():.4f}" if alive.any() else "all diverged")
+        bad = alive & ~torch.isfinite(theta).all(1)  # the last step of the epoch can still overflow
+        if bad.any():
+            diverged_at[bad.cpu()] = step
+            alive = alive & ~bad
+            theta[bad] = safe[bad]
         if ckpt is not None:
             _save_checkpoint(ckpt, {"theta": theta, "buf1": buf1, "buf2": buf2, "alive": alive.to(torch.uint8),
                                     "diverged_at": diverged_at, "epoch": torch.tensor(epoch + 1),
@@ -183,22 +201,20 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     bar.close()
     return Replicas(theta.detach(), _table(problem, theta, ids, seed, dict(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, method=method, momentum=momentum,
-        weight_decay=weight_decay), lrs, alive, diverged_at))
+        weight_decay=weight_decay), lrs, alive, diverged_at, evaluate))
 
 
 def _loss_grad(problem: Problem, theta: torch.Tensor, xb, yb, alive: torch.Tensor):
-    theta = theta.detach().requires_grad_(True)
-    loss = problem.batch_loss(theta, xb, yb)
-    # frozen replicas contribute nothing (torch.where passes no gradient, not even NaN, to the masked side)
-    total = torch.where(alive & torch.isfinite(loss), loss, torch.zeros_like(loss)).sum()
-    g, = torch.autograd.grad(total, theta)
-    return loss.detach(), g
+    return problem.batch_loss_and_grad(theta, xb, yb, alive)
 
 
-def _table(problem, theta, ids, seed, hp, lrs, alive, diverged_at) -> pd.DataFrame:
-    tr = problem.evaluate(theta, "train")
-    is_fn = isinstance(problem, FunctionProblem)
-    te = tr if is_fn else problem.evaluate(theta, "test")
+def _table(problem, theta, ids, seed, hp, lrs, alive, diverged_at, evaluate=True) -> pd.DataFrame:
+    if evaluate:
+        tr = problem.evaluate(theta, "train")
+        te = tr if isinstance(problem, FunctionProblem) else problem.evaluate(theta, "test")
+    else:
+        nan = torch.full((theta.shape[0],), float("nan"))
+        tr = te = {"loss": nan, "accuracy": nan}
     df = pd.DataFrame({"replica": ids, "seed": seed, **{k: v for k, v in hp.items()}, "lr": lrs.cpu().numpy(),
                        "train_loss": tr["loss"].cpu().numpy(), "train_accuracy": tr["accuracy"].cpu().numpy(),
                        "test_loss": te["loss"].cpu().numpy(), "test_accuracy": te["accuracy"].cpu().numpy(),
