@@ -40,14 +40,14 @@ lint: venv
 
 BENCH := .venv-bench/bin
 
-$(BENCH)/.installed: pyproject.toml constraints.txt benchmarks/requirements.txt
+.venv-bench/.installed: pyproject.toml constraints.txt benchmarks/requirements.txt
 	$(PY) -m venv .venv-bench
 	$(BENCH)/pip install -q -c constraints.txt torch==2.13.0
 	$(BENCH)/pip install -q -c constraints.txt -e . -r benchmarks/requirements.txt
 	touch $@
 
 # side-by-side benchmarks in their own environment (the peers never enter .venv), writes BENCHMARKS.md
-bench: $(BENCH)/.installed data
+bench: .venv-bench/.installed data
 	$(BENCH)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:

@@ -309,6 +309,26 @@ class Problem:
         out = torch.cat([a.reshape(theta.shape[0], -1) for a in acc], 1)
         return out[0] if single else out
 
+    def hvp_operator(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> H(theta) v for a fixed ``(K, P)`` theta. When the training set fits in one chunk, the gradient's
+        graph is built once and each product is a single backward pass through it (what iterative solvers
+        need); otherwise each product recomputes chunk by chunk (:meth:`hvp`), keeping memory bounded."""
+        theta, _ = self._prepare(theta)
+        chunks = list(self._chunks("train", theta.shape[0]))
+        if len(chunks) > 1:
+            return lambda v: self.hvp(theta, v)
+        parts = self.split(theta, leaf=True)
+        xb, yb = chunks[0]
+        per = self._loss(self.forward(parts, xb), yb).sum() / len(yb)
+        gs = torch.autograd.grad(per, parts, create_graph=True)
+
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            v = v.to(self.device, self.dtype).reshape(theta.shape)
+            hv = torch.autograd.grad(gs, parts, grad_outputs=self.split(v), retain_graph=True)
+            return torch.cat([h.reshape(theta.shape[0], -1) for h in hv], 1)
+
+        return mv
+
     def _prepare(self, theta) -> tuple[torch.Tensor, bool]:
         theta, single = as_batch(theta, self.n_params)
         return theta.to(self.device, self.dtype), single
@@ -434,6 +454,20 @@ class FunctionProblem(Problem):
         g, = torch.autograd.grad(e.sum(), theta, allow_unused=True)
         g = torch.zeros_like(theta) if g is None else g
         return (e.detach()[0], g[0]) if single else (e.detach(), g)
+
+    def hvp_operator(self, theta):
+        theta, _ = self._prepare(theta)
+        theta = theta.detach().requires_grad_(True)
+        g, = torch.autograd.grad(self._energy(theta).sum(), theta, create_graph=True, allow_unused=True)
+        if g is None or not g.requires_grad:  # linear or constant energy: H = 0
+            return lambda v: torch.zeros_like(theta)
+
+        def mv(v):
+            hv, = torch.autograd.grad(g, theta, grad_outputs=v.to(self.device, self.dtype).reshape(theta.shape),
+                                      retain_graph=True, allow_unused=True)
+            return torch.zeros_like(theta) if hv is None else hv
+
+        return mv
 
     def hvp(self, theta, v):
         theta, single = self._prepare(theta)

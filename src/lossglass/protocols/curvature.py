@@ -41,10 +41,12 @@ def _mask(problem: Problem, layer: str | None) -> torch.Tensor | None:
 
 
 def _matvec(problem: Problem, theta: torch.Tensor, mask: torch.Tensor | None):
+    op = problem.hvp_operator(theta)
+
     def mv(v: torch.Tensor) -> torch.Tensor:
         if mask is not None:
             v = v * mask
-        hv = problem.hvp(theta, v.to(problem.dtype)).to(v.dtype)
+        hv = op(v.to(problem.dtype)).to(v.dtype)
         return hv * mask if mask is not None else hv
     return mv
 
@@ -147,15 +149,14 @@ def trace(problem: Problem, theta, *, n_probes: int = 30, method: str = "hutch++
     check(method in ("hutchinson", "hutch++"), f"unknown trace method {method!r}; use 'hutchinson' or 'hutch++'")
     kk, p = theta.shape[0], problem.n_params
     mask = _mask(problem, layer)
-    mv_one = _matvec(problem, theta, mask)
+    ops: dict[int, object] = {}
 
     def mv_many(v: torch.Tensor) -> torch.Tensor:  # v (K, n, P): all probes of all replicas in one batch
         n = v.shape[1]
-        th = theta.repeat_interleave(n, 0)
-        out = _matvec(problem, th, mask)(v.reshape(kk * n, p))
-        return out.reshape(kk, n, p)
+        if n not in ops:
+            ops[n] = _matvec(problem, theta.repeat_interleave(n, 0), mask)
+        return ops[n](v.reshape(kk * n, p)).reshape(kk, n, p)
 
-    del mv_one
     gens = generators(seed, range(kk), stream=53)
 
     def probes(n):
