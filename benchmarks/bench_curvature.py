@@ -4,6 +4,7 @@ tolerance: lossglass's Lanczos against PyHessian's power iteration at the same t
 from __future__ import annotations
 
 import sys
+
 import torch
 from common import best_of, fmnist
 

@@ -1,0 +1,29 @@
+"""Time of one energy evaluation of K replicas of 784-64-10 on 10,000 images, K = 1..256: the cost per replica
+falls as K grows (fewer, larger kernels), until the matmul floor is reached."""
+
+from __future__ import annotations
+
+import sys
+
+from common import best_of, fmnist, matmul_gflops, mlp_flops
+
+import lossglass as lg
+
+
+def main(quick: bool = False) -> list[dict]:
+    rate = matmul_gflops()
+    ds = fmnist(n_train=10000, n_test=100)
+    prob = lg.Problem(lg.models.mlp(784, 64, 10), ds, device="cpu")
+    rows = []
+    for k in (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256):
+        theta = prob.init(k, 0)
+        t = best_of(lambda th=theta: prob.energy(th), 2)
+        flops = mlp_flops([784, 64, 10], 10000) * k
+        rows.append({"K": k, "seconds": t, "ms_per_replica": 1e3 * t / k, "gflops": flops / t / 1e9,
+                     "fraction_of_matmul": flops / t / 1e9 / rate})
+        print(rows[-1])
+    return rows
+
+
+if __name__ == "__main__":
+    main("--quick" in sys.argv)
