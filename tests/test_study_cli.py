@@ -140,9 +140,8 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     subprocess.run(cmd + ["--out", str(ref)], check=True, env=env, capture_output=True)
     out = tmp_path / "killed"
     proc = subprocess.Popen(cmd + ["--out", str(out)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ck = out / "checkpoints" / "train-0.safetensors"
     t0 = time.time()
-    while not ck.exists() and time.time() - t0 < 120:
+    while not list(out.glob("checkpoints/train-*.safetensors")) and time.time() - t0 < 120:
         time.sleep(0.02)
     time.sleep(0.3)
     proc.send_signal(signal.SIGKILL)

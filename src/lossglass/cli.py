@@ -23,13 +23,17 @@ def cmd_run(a) -> int:
     from .study import STAGES, Study
 
     check((a.config is None) != (a.preset is None), "give a CONFIG.toml or --preset NAME (exactly one)")
+    if a.device:
+        a.set = [*a.set, f"device={a.device!r}"]
     cfg = load_config(a.config, preset=a.preset, overrides=a.set) if a.config else load_config(preset=a.preset,
                                                                                                overrides=a.set)
     out = Path(a.out) if a.out else Path("runs") / cfg.name
     stages = STAGES if not a.stages else tuple(s.strip() for s in a.stages.split(","))
     for s in stages:
         check(s in STAGES, f"unknown stage {s!r}; stages: {', '.join(STAGES)}")
-    store = Study(cfg, out, progress=not a.quiet).run(stages, force=a.force)
+    from .executor import make_executor
+
+    store = Study(cfg, out, progress=not a.quiet, executor=make_executor(a.executor, a.address)).run(stages, force=a.force)
     print(f"run folder: {store.path}")
     if (store.path / "report.html").exists():
         print(f"report: {store.path / 'report.html'}")
@@ -145,7 +149,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="run folder (default runs/<name>)")
     r.add_argument("--stages", help="comma-separated subset of stages")
     r.add_argument("--force", action="store_true", help="start over in a folder that holds a different config")
-    r.add_argument("--executor", choices=["local"], default="local", help="where to run (local only so far)")
+    r.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local (default) or ray: training tasks on a Ray cluster (pip install 'lossglass[ray]')")
+    r.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: start a local instance")
+    r.add_argument("--device", help="cpu, cuda or auto (overrides the config's device)")
     common(r)
     r.set_defaults(fn=cmd_run)
 

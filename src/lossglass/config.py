@@ -54,6 +54,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine"] = "constant"
     rho: float = Field(0.05, gt=0)
     temperature: float = Field(1e-5, ge=0)
+    chunk: PositiveInt = 64
     groups: list[TrainGroup] = []
 
 

@@ -68,9 +68,12 @@ class Study:
     """Runs the stages of a config into a run folder; each ``stage_*`` method can also run alone on an
     existing folder (the CLI's per-protocol sub-commands)."""
 
-    def __init__(self, cfg: StudyConfig, out: str | Path, *, progress: bool = True):
+    def __init__(self, cfg: StudyConfig, out: str | Path, *, progress: bool = True, executor=None):
+        from .executor import LocalExecutor
+
         self.cfg, self.progress = cfg, progress
         self.store = RunStore(out)
+        self.executor = executor or LocalExecutor()
         self._problem: Problem | None = None
 
     @property
@@ -118,34 +121,39 @@ class Study:
         return self.store
 
     # ------------------------------------------------------------------ stages
-    def stage_train(self) -> dict:
+    def train_tasks(self) -> list[tuple]:
+        """Independent training tasks: each group of replicas in chunks of ``train.chunk`` replica ids."""
         c = self.cfg.train
-        groups = c.groups or [None]
-        thetas, tables, offset = [], [], 0
-        ckdir = self.store.path / "checkpoints"
-        ckdir.mkdir(exist_ok=True)
-        for gi, grp in enumerate(groups):
+        cfg_json = self.cfg.model_dump_json()
+        tasks, offset = [], 0
+        for gi, grp in enumerate(c.groups or [None]):
             g = grp.model_dump(exclude_none=True) if grp is not None else {}
             k = g.get("replicas", c.replicas)
-            rep = train(self.problem, k, epochs=g.get("epochs", c.epochs), batch_size=g.get("batch_size", c.batch_size),
-                        lr=g.get("lr", c.lr), optimizer=g.get("optimizer", c.optimizer), method=g.get("method", c.method),
-                        momentum=c.momentum, weight_decay=c.weight_decay, seed=self.cfg.seed,
-                        replica_ids=range(offset, offset + k), rho=c.rho, temperature=c.temperature,
-                        lr_schedule=c.lr_schedule, checkpoint=ckdir / f"train-{gi}.safetensors",
-                        progress=self.progress)
-            rep.table["group"] = gi
-            thetas.append(rep.theta.cpu())
-            tables.append(rep.table)
+            for a in range(offset, offset + k, c.chunk):
+                tasks.append((cfg_json, str(self.store.path), gi, a, min(a + c.chunk, offset + k)))
             offset += k
+        return tasks
+
+    def stage_train(self) -> dict:
+        tasks = self.train_tasks()
+        if len(tasks) > 1:
+            log(f"train: {len(tasks)} tasks on the {self.executor.name} executor")
+        paths = self.executor.map(train_task, tasks)
+        thetas, tables = [], []
+        for p in paths:
+            t = self.store.read_tensors(p)
+            thetas.append(t["theta"])
+            tables.append(self.store.read_table(p))
         theta = torch.cat(thetas)
         table = pd.concat(tables, ignore_index=True)
         self.store.write_tensors("replicas", {"theta": theta}, {"n_params": self.problem.n_params})
         self.store.write_table("replicas", table)
-        for p in ckdir.glob("train-*.safetensors"):
-            p.unlink()
+        for p in paths:
+            self.store.tensor_path(p).unlink(missing_ok=True)
+            self.store.table_path(p).unlink(missing_ok=True)
         log(f"train: {len(table)} replicas, median test accuracy {table['test_accuracy'].median():.4f}, "
             f"{int(table['diverged'].sum())} diverged")
-        return {"replicas": len(table)}
+        return {"replicas": len(table), "tasks": len(tasks), "executor": self.executor.name}
 
     def _alive(self) -> Replicas:
         rep = load_replicas(self.store)
@@ -372,13 +380,44 @@ class Study:
         return {}
 
 
+def train_task(cfg_json: str, out: str, group: int, first: int, last: int) -> str:
+    """Train replicas ``first..last-1`` of training group ``group`` and write them to the run folder (a task:
+    runs in this process or on a Ray worker). Returns the result's name; an existing result is reused."""
+    from .config import StudyConfig
+    from .executor import maybe_fail_once
+
+    cfg = StudyConfig.model_validate_json(cfg_json)
+    store = RunStore(out)
+    name = f"tasks/train-{group}-{first}-{last}"
+    if store.has_tensors(name) and store.has_table(name):
+        return name
+    c = cfg.train
+    grp = c.groups[group].model_dump(exclude_none=True) if c.groups else {}
+    problem = build_problem(cfg)
+    ckdir = store.path / "checkpoints"
+    ckdir.mkdir(exist_ok=True)
+    ckpt = ckdir / f"train-{group}-{first}-{last}.safetensors"
+    maybe_fail_once(f"train-{group}-{first}")
+    rep = train(problem, last - first, epochs=grp.get("epochs", c.epochs), batch_size=grp.get("batch_size", c.batch_size),
+                lr=grp.get("lr", c.lr), optimizer=grp.get("optimizer", c.optimizer), method=grp.get("method", c.method),
+                momentum=c.momentum, weight_decay=c.weight_decay, seed=cfg.seed, replica_ids=range(first, last),
+                rho=c.rho, temperature=c.temperature, lr_schedule=c.lr_schedule, checkpoint=ckpt,
+                progress=False)
+    rep.table["group"] = group
+    rep.table["device"] = str(problem.device)
+    store.write_tensors(name, {"theta": rep.theta.cpu()})
+    store.write_table(name, rep.table)
+    ckpt.unlink(missing_ok=True)
+    return name
+
+
 def _cosine_np(x: np.ndarray) -> np.ndarray:
     u = x / np.linalg.norm(x, axis=1, keepdims=True)
     return np.clip(u @ u.T, -1, 1)
 
 
 def run_study(config, out=None, *, stages=STAGES, force: bool = False, progress: bool = True,
-              overrides: list[str] | None = None) -> RunStore:
+              overrides: list[str] | None = None, executor: str = "local", address: str | None = None) -> RunStore:
     """Run a study: ``config`` is a :class:`StudyConfig`, a TOML path or a preset name; ``out`` the run folder
     (default ``runs/<name>``). Returns the :class:`RunStore`."""
     if isinstance(config, StudyConfig):
@@ -387,5 +426,7 @@ def run_study(config, out=None, *, stages=STAGES, force: bool = False, progress:
         cfg = load_config(config, overrides=overrides)
     else:
         cfg = load_config(preset=str(config), overrides=overrides)
+    from .executor import make_executor
+
     out = Path(out) if out is not None else Path("runs") / cfg.name
-    return Study(cfg, out, progress=progress).run(stages, force=force)
+    return Study(cfg, out, progress=progress, executor=make_executor(executor, address)).run(stages, force=force)

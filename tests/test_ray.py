@@ -1,0 +1,69 @@
+"""The Ray executor: a local head with 2 CPUs started and stopped here; results equal the local executor's."""
+
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import lossglass as lg
+from lossglass.study import Study
+
+from .test_study_cli import _cfg
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"LOSSGLASS_FAIL_ONCE": os.environ.get("LOSSGLASS_FAIL_ONCE", "")}})
+    yield
+    ray.shutdown()
+
+
+def _run(tmp_path, name, executor):
+    from lossglass.config import load_config
+
+    cfg = load_config(_cfg(tmp_path, epochs=2), overrides=["train.chunk=2"])
+    return Study(cfg, tmp_path / name, progress=False, executor=executor).run(("train", "walk"))
+
+
+def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head, monkeypatch):
+    from lossglass.executor import LocalExecutor, RayExecutor
+
+    local = _run(tmp_path, "local", LocalExecutor())
+    marker_dir = tmp_path / "faults"
+    marker_dir.mkdir()
+    # the first training task kills its worker process once; Ray retries it on a fresh worker
+    ray.shutdown()
+    monkeypatch.setenv("LOSSGLASS_FAIL_ONCE", str(marker_dir))
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+             runtime_env={"env_vars": {"LOSSGLASS_FAIL_ONCE": str(marker_dir)}})
+    remote = _run(tmp_path, "ray", RayExecutor())
+    assert (marker_dir / "failed-train-0-0").exists(), "the injected failure did not happen"
+    assert lg.RunStore(remote.path).stages()["train"]["tasks"] == 3
+    assert lg.RunStore(remote.path).stages()["train"]["executor"] == "ray"
+    a, b = local.read_tensors("replicas")["theta"], remote.read_tensors("replicas")["theta"]
+    assert torch.equal(a, b)
+    pd.testing.assert_frame_equal(local.read_table("replicas"), remote.read_table("replicas"))
+    pd.testing.assert_frame_equal(local.read_table("walk"), remote.read_table("walk"))
+
+
+def test_finished_tasks_are_not_recomputed(tmp_path):
+    from lossglass.config import load_config
+    from lossglass.executor import LocalExecutor
+    from lossglass.study import train_task
+
+    cfg = load_config(_cfg(tmp_path, epochs=1), overrides=["train.chunk=3"])
+    study = Study(cfg, tmp_path / "run", progress=False, executor=LocalExecutor())
+    study.prepare()
+    tasks = study.train_tasks()
+    assert [t[3:] for t in tasks] == [(0, 3), (3, 6)]
+    name = train_task(*tasks[0])
+    path = study.store.tensor_path(name)
+    stamp = path.stat().st_mtime_ns
+    assert train_task(*tasks[0]) == name and path.stat().st_mtime_ns == stamp
+    study.run(("train",))
+    assert study.store.read_tensors("replicas")["theta"].shape[0] == 6
+    assert not path.exists()  # task files are gathered, then removed
