@@ -134,6 +134,55 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_select(a) -> int:
+    from .report import build_report
+    from .selection import explain, select
+    from .store import RunStore
+    from .study import build_problem
+
+    run = Path(a.run)
+    cfg = _load_run_config(run, [])
+    store = RunStore(run, create=False)
+    decision = select(store, build_problem(cfg))
+    print(explain(decision))
+    print(f"exported: {run / decision['exported']}")
+    build_report(store)
+    return 0
+
+
+def cmd_import(a) -> int:
+    import pandas as pd
+
+    from .byo import import_checkpoints
+    from .config import load_config
+    from .study import Study
+
+    cfg = load_config(a.config, overrides=a.set) if a.config else load_config(preset="quickstart", overrides=a.set)
+    if a.model:
+        cfg.model.factory = a.model
+    if a.data:
+        if ":" in a.data:
+            cfg.data.factory = a.data
+        else:
+            cfg.data.name = a.data
+    study = Study(cfg, Path(a.out), progress=not a.quiet)
+    study.prepare(force=a.force)
+    prob = study.problem
+    theta, files = import_checkpoints(prob, a.folder)
+    tr, te = prob.evaluate(theta, "train"), prob.evaluate(theta, "test")
+    table = pd.DataFrame({"replica": range(len(files)), "source": files, "seed": cfg.seed,
+                          "train_loss": tr["loss"].cpu().numpy(), "train_accuracy": tr["accuracy"].cpu().numpy(),
+                          "test_loss": te["loss"].cpu().numpy(), "test_accuracy": te["accuracy"].cpu().numpy(),
+                          "diverged": False, "group": 0})
+    table["gap_loss"] = table["test_loss"] - table["train_loss"]
+    table["gap_error"] = table["train_accuracy"] - table["test_accuracy"]
+    study.store.write_tensors("replicas", {"theta": theta.cpu()}, {"n_params": prob.n_params})
+    study.store.write_table("replicas", table)
+    study.store.mark_done("train", {"imported": len(files), "from": str(a.folder)})
+    print(f"imported {len(files)} checkpoints into {a.out}; next: lossglass run {a.out}/config.toml --out {a.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lossglass", description="Loss landscapes measured with spin-glass physics.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -174,6 +223,19 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("--redo", action="store_true", help="recompute even if the stage is done")
         common(s)
         s.set_defaults(fn=cmd_stage)
+
+    sel = sub.add_parser("select", help="which replica to ship: ranked by the flatness measure that predicts the gap")
+    sel.add_argument("run")
+    sel.set_defaults(fn=cmd_select)
+    im = sub.add_parser("import", help="import a folder of checkpoints (state_dict or safetensors) as replicas")
+    im.add_argument("folder", help="folder of *.pt / *.pth / *.safetensors state_dicts")
+    im.add_argument("--out", required=True, help="the run folder to create")
+    im.add_argument("--model", help="package.module:factory returning the nn.Module (default: the config's MLP)")
+    im.add_argument("--data", help="a data set name or package.module:factory")
+    im.add_argument("--config", help="a study config for the later protocols (default: the quickstart preset)")
+    im.add_argument("--force", action="store_true")
+    common(im)
+    im.set_defaults(fn=cmd_import)
 
     rep = sub.add_parser("report", help="rebuild report.html from a run folder's saved data")
     rep.add_argument("run")

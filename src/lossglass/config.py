@@ -23,12 +23,15 @@ class DataConfig(_Section):
     n_train: PositiveInt | None = 10000
     n_test: PositiveInt | None = 2000
     data_dir: str | None = None
+    factory: str | None = None  # package.module:function returning a Dataset, 4 tensors or 2 loaders
 
 
 class ModelConfig(_Section):
     hidden: PositiveInt | list[PositiveInt] = 64
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
+    factory: str | None = None  # package.module:function returning an nn.Module (instead of the MLP)
+    spec: str | None = None  # package.module:function returning the model's PermutationSpec (user models)
 
 
 class TrainGroup(_Section):

@@ -34,13 +34,30 @@ def log(msg: str) -> None:
 
 def build_dataset(cfg: StudyConfig) -> Dataset:
     d = cfg.data
+    if d.factory:
+        from .byo import dataset_from_factory
+
+        return dataset_from_factory(d.factory)
     return load(d.name, n_train=d.n_train, n_test=d.n_test, seed=cfg.seed, data_dir=d.data_dir)
 
 
 def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None) -> Problem:
     ds = dataset or build_dataset(cfg)
-    model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
-    return Problem(model, ds, loss=cfg.model.loss, device=cfg.device)
+    if cfg.model.factory and hidden is None:
+        from .byo import model_from_factory
+
+        model = model_from_factory(cfg.model.factory)
+    else:
+        model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
+    problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device)
+    if cfg.model.spec and hidden is None:
+        from .byo import resolve
+        from .symmetry import PermutationSpec
+
+        spec = resolve(cfg.model.spec, "permutation spec factory")()
+        check(isinstance(spec, PermutationSpec), f"{cfg.model.spec} must return a lossglass.PermutationSpec")
+        problem.spec = spec.validate(problem)
+    return problem
 
 
 def subset_problem(problem: Problem, n: int | None) -> Problem:
@@ -337,6 +354,10 @@ class Study:
                 sd = K.spectral_density(prob, rep.theta[idx], steps=c.slq_steps, seed=self.cfg.seed)
                 rows.append(pd.DataFrame({"label": label, "replica": idx, "eigenvalue": sd.grid, "density": sd.density}))
             self.store.write_table("spectral_density", pd.concat(rows, ignore_index=True))
+        if len(df) >= 3:
+            from .selection import select
+
+            select(self.store, self.problem)
         return {}
 
     def stage_reference(self) -> dict:

@@ -322,12 +322,17 @@ def flatness_table(problem: Problem, replicas: Replicas, *, rho: float = 0.05, t
     df["local_entropy"] = local_entropy(problem, theta, radius=entropy_radius, epsilon=entropy_epsilon,
                                         n_samples=4 * n_samples, seed=seed).cpu().numpy()
     df["weight_norm"] = theta.norm(dim=1).cpu().numpy()
+    from ..proxies import batch_proxies
+
+    prox = batch_proxies(problem, theta, rho=rho, seed=seed)
+    df["proxy_lambda_batch"] = prox["lambda_batch"].cpu().numpy()
+    df["proxy_perturbation"] = prox["perturbation_rise"].cpu().numpy()
     df["test_error"] = 1 - df["test_accuracy"]
     return df
 
 
 MEASURES = ("lambda_max", "hessian_trace", "sharpness_average", "sharpness_worst", "sharpness_keskar",
-            "local_entropy", "weight_norm")
+            "local_entropy", "weight_norm", "proxy_lambda_batch", "proxy_perturbation")
 
 
 def rank_correlations(df: pd.DataFrame, measures=MEASURES, target: str = "gap_error", *, n_boot: int = 1000,

@@ -397,6 +397,23 @@ def _curvature(r: _Report) -> None:
     r.df(f, max_rows=40)
 
 
+def _selection(r: _Report) -> None:
+    d = r.store.read_json("selection.json")
+    if not d:
+        return
+    from ..selection import explain
+
+    r.h(2, "Which model to ship", "select")
+    r.p(html.escape(explain(d)) + (f" The chosen replica is exported as <code>{html.escape(d['exported'])}</code> "
+                                   "(a safetensors state_dict for your model)." if d.get("exported") else ""))
+    sel = r.table("selection")
+    if sel is not None:
+        r.df(sel, max_rows=10)
+    r.add_summary("Model to ship", f"replica {d['replica']} ({d['chosen_test_accuracy'] * 100:.2f}%)",
+                  f"Flattest by {d['measure']} (τ = {d['kendall_tau']:.2f}); "
+                  + ("a confident choice." if d["confident"] else "not significantly better than its peers."))
+
+
 def _missing(store: RunStore) -> list[str]:
     out = []
     if not (store.path / "config.toml").exists():
@@ -437,7 +454,7 @@ def build_report(store: RunStore | str, *, timestamp: str | None = None) -> str:
     with matplotlib.rc_context(STYLE):
         r = _Report(store)
         r.missing += _missing(store)
-        for section in (_train, _walk, _connect, _replicas, _curvature):
+        for section in (_train, _walk, _connect, _replicas, _curvature, _selection):
             try:
                 section(r)
             except Exception as e:  # noqa: BLE001 - one broken section must not lose the rest of the report

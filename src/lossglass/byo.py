@@ -1,0 +1,113 @@
+"""Bring your own: a model or data set given as ``package.module:factory``, and a folder of checkpoints
+imported as replicas (``state_dict`` files read with ``weights_only=True``, or safetensors)."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .datasets import Dataset, from_tensors
+from .errors import LossglassError, check
+
+
+def resolve(spec: str, what: str):
+    """Import ``package.module:attribute`` and return the attribute, with a clear message when it fails."""
+    check(isinstance(spec, str) and spec.count(":") == 1, f"{what} must look like 'package.module:factory', got {spec!r}")
+    mod_name, attr = spec.split(":")
+    try:
+        mod = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise LossglassError(f"{what} {spec!r}: cannot import module {mod_name!r} ({e})") from None
+    check(hasattr(mod, attr), f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
+    return getattr(mod, attr)
+
+
+def model_from_factory(spec: str, **kwargs) -> nn.Module:
+    model = resolve(spec, "model factory")(**kwargs)
+    check(isinstance(model, nn.Module), f"model factory {spec!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def _materialise(loader, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for batch in loader:
+        check(isinstance(batch, (tuple, list)) and len(batch) >= 2, f"{what}: each batch must be (inputs, labels)")
+        xs.append(torch.as_tensor(batch[0]))
+        ys.append(torch.as_tensor(batch[1]))
+    check(len(xs) > 0, f"{what} is empty")
+    return torch.cat(xs), torch.cat(ys)
+
+
+def dataset_from_factory(spec: str) -> Dataset:
+    """The factory returns a :class:`Dataset`, a tuple ``(x_train, y_train, x_test, y_test)`` of tensors, or a pair
+    of iterables of ``(inputs, labels)`` batches (e.g. two ``DataLoader``s: train, test)."""
+    out = resolve(spec, "data factory")()
+    if isinstance(out, Dataset):
+        return out
+    check(isinstance(out, (tuple, list)), f"data factory {spec!r} returned {type(out).__name__}; expected a Dataset, "
+          "(x_train, y_train, x_test, y_test) or (train_loader, test_loader)")
+    if len(out) == 4:
+        return from_tensors(*out, name=spec)
+    check(len(out) == 2, f"data factory {spec!r} returned {len(out)} items; expected 4 tensors or 2 loaders")
+    (xtr, ytr), (xte, yte) = _materialise(out[0], "train loader"), _materialise(out[1], "test loader")
+    return from_tensors(xtr, ytr, xte, yte, name=spec)
+
+
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from a ``.safetensors`` file or a torch file read with ``weights_only=True``."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as e:  # noqa: BLE001 - any failure is a bad file
+            raise LossglassError(f"{path}: not a readable safetensors file ({e})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise LossglassError(f"{path}: cannot be read as a weights-only state_dict ({type(e).__name__}: {e})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    check(isinstance(obj, dict), f"{path}: expected a state_dict (a dict of tensors), got {type(obj).__name__}")
+    return obj
+
+
+def import_checkpoints(problem, folder: str | Path) -> tuple[torch.Tensor, list[str]]:
+    """Every checkpoint in ``folder`` (``*.pt``, ``*.pth``, ``*.safetensors``, sorted by name) as a row of a
+    ``(K, P)`` replica tensor. Missing or unexpected keys, wrong shapes or non-float dtypes are refused with
+    the file and the tensor named."""
+    folder = Path(folder)
+    check(folder.is_dir(), f"checkpoint folder {folder} does not exist")
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".safetensors"))
+    check(len(files) > 0, f"{folder}: no .pt, .pth or .safetensors checkpoints")
+    rows = []
+    expected = {p.name: p.shape for p in problem.params}
+    buffers = set(problem.buffers)
+    for f in files:
+        sd = load_state(f)
+        missing = [k for k in expected if k not in sd]
+        extra = [k for k in sd if k not in expected and k not in buffers]
+        check(not missing, f"{f}: missing tensor(s) {missing}")
+        check(not extra, f"{f}: unexpected tensor(s) {extra} (not parameters of the model)")
+        for name, shape in expected.items():
+            t = sd[name]
+            check(isinstance(t, torch.Tensor), f"{f}: {name!r} is not a tensor")
+            check(tuple(t.shape) == shape, f"{f}: tensor {name!r} has shape {tuple(t.shape)}, the model expects {shape}")
+            check(torch.is_floating_point(t), f"{f}: tensor {name!r} has dtype {t.dtype}, expected a floating dtype")
+            check(bool(torch.isfinite(t).all()), f"{f}: tensor {name!r} holds NaN or inf")
+        rows.append(problem.flatten({k: sd[k] for k in expected}))
+    return torch.stack(rows), [f.name for f in files]
+
+
+def export_state(problem, theta: torch.Tensor, path: str | Path, metadata: dict | None = None) -> Path:
+    """Write one replica as a standalone safetensors ``state_dict`` loadable into the user's model."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in problem.unflatten(theta.reshape(-1)).items()}
+    save_file(sd, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
+    return path
