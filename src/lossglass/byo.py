@@ -108,6 +108,7 @@ def export_state(problem, theta: torch.Tensor, path: str | Path, metadata: dict 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    sd = {k: v.detach().cpu().contiguous().clone() for k, v in problem.unflatten(theta.reshape(-1)).items()}
+    module = problem.to_module(theta.reshape(-1))  # includes BatchNorm statistics at theta
+    sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
     save_file(sd, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
     return path

@@ -27,7 +27,10 @@ class DataConfig(_Section):
 
 
 class ModelConfig(_Section):
+    arch: Literal["mlp", "cnn"] = "mlp"
     hidden: PositiveInt | list[PositiveInt] = 64
+    channels: list[PositiveInt] = [16, 32]
+    batchnorm: bool = True
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     factory: str | None = None  # package.module:function returning an nn.Module (instead of the MLP)

@@ -36,6 +36,24 @@ def mlp(in_dim: int, hidden: int | list[int] | tuple[int, ...], out_dim: int, ac
     return nn.Sequential(*layers)
 
 
+def cnn(in_shape: tuple[int, int, int] = (1, 28, 28), channels=(16, 32), n_classes: int = 10, *,
+        batchnorm: bool = True, kernel: int = 3) -> nn.Sequential:
+    """A small CNN on flat inputs: Unflatten -> [Conv(k x k, same padding) -> BatchNorm2d -> ReLU -> MaxPool 2]
+    per entry of ``channels`` -> Flatten -> Linear to ``n_classes``."""
+    check(len(in_shape) == 3 and all(int(v) > 0 for v in in_shape), f"in_shape must be (C, H, W), got {in_shape}")
+    check(len(channels) > 0 and all(int(c) > 0 for c in channels), f"channels must be positive ints, got {channels}")
+    c, h, w = in_shape
+    layers: list[nn.Module] = [nn.Unflatten(1, tuple(in_shape))]
+    for ch in channels:
+        layers += [nn.Conv2d(c, ch, kernel, padding=kernel // 2)]
+        layers += [nn.BatchNorm2d(ch)] if batchnorm else []
+        layers += [nn.ReLU(), nn.MaxPool2d(2)]
+        c, h, w = ch, h // 2, w // 2
+    check(h > 0 and w > 0, f"input {in_shape} is too small for {len(channels)} pooling layers")
+    layers += [nn.Flatten(), nn.Linear(c * h * w, n_classes)]
+    return nn.Sequential(*layers)
+
+
 def quadratic(hessian: torch.Tensor, *, device: str = "cpu", dtype: torch.dtype = torch.float64) -> FunctionProblem:
     """E(theta) = 1/2 theta^T H theta, H symmetric. With H positive definite the Boltzmann law exp(-E/T)
     has <E> = P T / 2 (equipartition) and Var(theta . u_i) = T / lambda_i."""

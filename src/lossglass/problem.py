@@ -76,7 +76,7 @@ class Problem:
     """
 
     def __init__(self, model: nn.Module, dataset: Dataset, loss: str = "cross_entropy", device: str = "auto",
-                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0):
+                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0, batchnorm: str = "recompute"):
         check(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model).__name__}")
         check(isinstance(dataset, Dataset), f"dataset must be a lossglass Dataset, got {type(dataset).__name__}")
         self.loss_name = choice("loss", loss, LOSSES)
@@ -108,7 +108,14 @@ class Problem:
         self._plan = None if raw is None else [
             ("linear", _Linear(self._info[r[1]], self._info[r[2]] if r[2] else None)) if r[0] == "linear" else r
             for r in raw]
-        self._width = max([p.shape[0] for p in self.params if len(p.shape) == 2] + [dataset.n_classes])
+        from . import layers
+
+        self._seq = layers.build(self.model, dataset.in_dim) if self._plan is None else None
+        self.batchnorm = choice("batchnorm mode", batchnorm, ("recompute", "batch"))
+        self._bn = [i for i, o in enumerate(self._seq or []) if o.kind == "bn"]
+        widths = [p.shape[0] for p in self.params if len(p.shape) == 2]
+        widths += [math.prod(o.out_shape) for o in (self._seq or [])]
+        self._width = max(widths + [dataset.n_classes])
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -161,20 +168,52 @@ class Problem:
         return out.to(self.device)
 
     def to_module(self, theta: torch.Tensor) -> nn.Module:
-        """A standalone copy of the model holding the parameters ``theta`` (P,)."""
+        """A standalone copy of the model holding the parameters ``theta`` (P,); BatchNorm running statistics are
+        set to the training-set statistics at theta, so ``model.eval()`` reproduces :meth:`evaluate`."""
         m = copy.deepcopy(self.model)
+        theta = theta.to(self.device, self.dtype).reshape(-1)
         with torch.no_grad():
-            for name, t in self.unflatten(theta.to(self.device, self.dtype)).items():
+            for name, t in self.unflatten(theta).items():
                 m.get_parameter(name).copy_(t)
+            if self._bn:
+                for i, (mean, var) in self.bn_statistics(theta.unsqueeze(0)).items():
+                    mod = self._seq[i].module
+                    getattr(m, self._seq[i].name).running_mean.copy_(mean.reshape(mod.running_mean.shape))
+                    getattr(m, self._seq[i].name).running_var.copy_(var.reshape(mod.running_var.shape))
         return m
 
     # ------------------------------------------------------------------ the batched forward pass
-    def forward(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, theta: torch.Tensor, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
         """Outputs of K networks: ``x`` is ``(N, D)`` shared by all replicas or ``(K, N, D)`` one batch each;
-        returns ``(K, N, C)``."""
-        if self._plan is None:
-            return self._forward_vmap(theta, x)
-        return self._forward_mlp(theta, x)
+        returns ``(K, N, C)``. BatchNorm layers use ``stats`` (see :meth:`bn_statistics`) when given, else the
+        statistics of ``x`` (training mode)."""
+        if self._plan is not None:
+            return self._forward_mlp(theta, x)
+        if self._seq is not None:
+            from . import layers
+
+            return layers.forward(self, self._seq, theta, x, stats=stats)
+        return self._forward_vmap(theta, x)
+
+    def bn_statistics(self, theta: torch.Tensor) -> dict:
+        """Per-replica BatchNorm statistics over the whole training set at ``theta``, layer by layer (each layer's
+        statistics are computed with the earlier layers already normalised by theirs): ``{op: (mean, var)}``
+        with the biased variance (the training set as the population)."""
+        from . import layers
+
+        k = theta.shape[0]
+        stats: dict = {}
+        with torch.no_grad():
+            for i in self._bn:
+                s1 = s2 = 0
+                cnt = 0
+                for xb, _ in self._chunks("train", k):
+                    h, layout = layers.forward(self, self._seq, theta, xb, stats=stats, stop_at=i)
+                    a, b, n = layers.channel_stats(h, layout, k)
+                    s1, s2, cnt = s1 + a, s2 + b, cnt + n
+                mean = s1 / cnt
+                stats[i] = (mean.to(self.dtype), (s2 / cnt - mean**2).clamp_min(0).to(self.dtype))
+        return stats
 
     def split(self, theta: torch.Tensor, *, leaf: bool = False) -> list[torch.Tensor]:
         """``(K, P)`` -> one ``(K, *shape)`` view per parameter tensor; with ``leaf=True`` each is a fresh
@@ -262,9 +301,10 @@ class Problem:
         loss_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
         correct = torch.zeros(k, device=self.device, dtype=torch.float64)
         n = 0
+        stats = self.bn_statistics(theta) if self._bn and self.batchnorm == "recompute" else None
         with torch.no_grad():
             for xb, yb in self._chunks(split, k):
-                out = self.forward(theta, xb)
+                out = self.forward(theta, xb, stats)
                 loss_sum += self._loss(out, yb).sum(1, dtype=torch.float64)
                 correct += (out.argmax(-1) == yb).sum(1, dtype=torch.float64)
                 n += len(yb)
@@ -377,7 +417,7 @@ class Problem:
                 cc = cc_all[:, g0:g0 + per_block]  # (M, Gb, J+1)
                 gb = cc.shape[1]
                 theta = torch.bmm(cc, basis).reshape(m * gb, self.n_params)
-                if self._plan is None:
+                if self._plan is None or self._plan[0][0] != "linear":
                     ev = self.evaluate(theta, split)
                     loss_sum[:, g0:g0 + gb] = ev["loss"].double().view(m, gb)
                     correct[:, g0:g0 + gb] = ev["accuracy"].double().view(m, gb)

@@ -47,6 +47,11 @@ def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None)
         from .byo import model_from_factory
 
         model = model_from_factory(cfg.model.factory)
+    elif cfg.model.arch == "cnn" and hidden is None:
+        from .models import cnn
+
+        check(len(ds.shape) == 3, f"a CNN needs image data; {ds.name} has input shape {ds.shape}")
+        model = cnn(tuple(ds.shape), cfg.model.channels, ds.n_classes, batchnorm=cfg.model.batchnorm)
     else:
         model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
     problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device)

@@ -23,16 +23,27 @@ from .problem import Problem
 Perm = dict[str, torch.Tensor]
 
 
+def _entries(axes) -> list[tuple[str, int, int]]:
+    """(param, axis) or (param, axis, block): a block > 1 means the axis holds units of ``block`` consecutive
+    entries (the columns of a Linear after a Flatten hold one block of H*W per channel)."""
+    return [(e[0], int(e[1]), int(e[2]) if len(e) > 2 else 1) for e in axes]
+
+
 @dataclass(frozen=True)
 class PermutationSpec:
-    """``{perm_name: [(param_name, axis), ...]}``; every pair of a permutation must have the same size."""
+    """``{perm_name: [(param_name, axis) or (param_name, axis, block), ...]}``; every entry of a permutation
+    must hold the same number of units."""
 
-    perms: dict[str, tuple[tuple[str, int], ...]]
+    perms: dict[str, tuple[tuple, ...]]
 
     def sizes(self, problem: Problem) -> dict[str, int]:
         out = {}
         for name, axes in self.perms.items():
-            ns = {problem._info[p].shape[a] for p, a in axes}
+            ns = set()
+            for p, a, g in _entries(axes):
+                n = problem._info[p].shape[a]
+                check(n % g == 0, f"permutation {name!r}: axis {a} of {p!r} ({n}) is not a multiple of block {g}")
+                ns.add(n // g)
             check(len(ns) == 1, f"permutation {name!r} acts on axes of different sizes {sorted(ns)}")
             out[name] = ns.pop()
         return out
@@ -40,7 +51,10 @@ class PermutationSpec:
     def validate(self, problem: Problem) -> PermutationSpec:
         for name, axes in self.perms.items():
             check(len(axes) > 0, f"permutation {name!r} acts on nothing")
-            for p, a in axes:
+            for entry in axes:
+                check(isinstance(entry, (tuple, list)) and len(entry) in (2, 3),
+                      f"permutation {name!r}: entries must be (parameter, axis) or (parameter, axis, block)")
+                p, a = entry[0], entry[1]
                 check(p in problem._info, f"permutation {name!r}: unknown parameter {p!r} "
                       f"(parameters: {', '.join(problem._info)})")
                 check(0 <= a < len(problem._info[p].shape),
@@ -50,7 +64,12 @@ class PermutationSpec:
 
 
 def mlp_spec(problem: Problem) -> PermutationSpec:
-    """The hidden-unit permutations of an MLP of any depth: one per hidden layer."""
+    """The hidden-unit permutations of an MLP of any depth (one per hidden layer), or of a Conv/Linear stack
+    with norm layers (one per hidden layer of units or channels)."""
+    if problem._plan is None and getattr(problem, "_seq", None) is not None:
+        from . import layers
+
+        return PermutationSpec(layers.spec(problem, problem._seq))
     if problem._plan is None:
         raise LossglassError(f"{problem!r} is not a plain MLP, so its permutation symmetry cannot be derived; "
                              "declare it: problem.spec = PermutationSpec({'P0': (('layer.weight', 0), ...)})")
@@ -97,13 +116,21 @@ def permute(problem: Problem, theta: torch.Tensor, perm: Perm) -> torch.Tensor:
     for name, p in perm.items():
         p = p.to(theta.device)
         pk = p.expand(k, -1) if p.ndim == 1 else p
-        for pname, axis in spec.perms[name]:
+        for pname, axis, _ in _entries(spec.perms[name]):
             info = problem._info[pname]
-            block = out[:, info.slice].reshape(k, *info.shape).movedim(axis + 1, 1)
-            idx = pk.reshape(k, -1, *([1] * (block.ndim - 2))).expand_as(block)
-            block = torch.gather(block, 1, idx).movedim(1, axis + 1)
-            out[:, info.slice] = block.reshape(k, -1)
+            t = _permute_axis(out[:, info.slice].reshape(k, *info.shape), axis, pk)
+            out[:, info.slice] = t.reshape(k, -1)
     return out[0] if single else out
+
+
+def _permute_axis(t: torch.Tensor, axis: int, pk: torch.Tensor) -> torch.Tensor:
+    """Permute units along ``axis`` of ``t`` (``(K, *shape)``) by ``pk`` (``(K, n)``); the axis may hold n blocks."""
+    moved = t.movedim(axis + 1, 1)
+    shape = moved.shape
+    n = pk.shape[1]
+    flat = moved.reshape(shape[0], n, -1)
+    flat = torch.gather(flat, 1, pk.reshape(shape[0], n, 1).expand_as(flat))
+    return flat.reshape(shape).movedim(1, axis + 1)
 
 
 def random_permutation(problem: Problem, seed: int = 0) -> Perm:
@@ -137,10 +164,8 @@ def _apply_on_axes(problem: Problem, params: dict[str, torch.Tensor], perm: dict
         if name == skip:
             continue
         p = torch.as_tensor(perm[name])  # (K, n)
-        for pname, axis in axes:
-            t = out[pname].movedim(axis + 1, 1)
-            idx = p.reshape(p.shape[0], -1, *([1] * (t.ndim - 2))).expand_as(t)
-            out[pname] = torch.gather(t, 1, idx).movedim(1, axis + 1)
+        for pname, axis, _ in _entries(axes):
+            out[pname] = _permute_axis(out[pname], axis, p.expand(out[pname].shape[0], -1))
     return out
 
 
@@ -164,7 +189,7 @@ def weight_matching(problem: Problem, reference: torch.Tensor, theta: torch.Tens
             n = sizes[name]
             others = _apply_on_axes(problem, params, perm, spec, skip=name)
             cost = torch.zeros(k, n, n, dtype=torch.float64)
-            for pname, axis in spec.perms[name]:
+            for pname, axis, _ in _entries(spec.perms[name]):
                 a = ref[pname].movedim(axis + 1, 1).reshape(1, n, -1)
                 b = others[pname].movedim(axis + 1, 1).reshape(k, n, -1)
                 cost += a @ b.transpose(1, 2)  # cost[i, j] = <unit i of ref, unit j of theta>
