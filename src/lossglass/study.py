@@ -187,18 +187,14 @@ class Study:
         from .protocols import walk as W
 
         c = self.cfg.walk
-        rep = self._alive()
-        starts = rep.theta[: c.starts]
-        results = []
-        for t in c.temperatures:
-            temp = None if t == "none" else float(t)
-            results.append(W.random_walk(self.problem, starts, n_walkers=c.n_walkers, steps=c.steps,
-                                         step_size=c.step_size, temperature=temp, normalize=c.normalize,
-                                         record_every=c.record_every, seed=self.cfg.seed, progress=self.progress))
-        if c.langevin_steps > 0:
-            results.append(W.langevin(self.problem, starts, temperature=c.langevin_temperature, lr=c.langevin_lr,
-                                      steps=c.langevin_steps, n_walkers=c.n_walkers, record_every=c.record_every,
-                                      seed=self.cfg.seed, progress=self.progress))
+        self._alive()
+        n_runs = len(c.temperatures) + (1 if c.langevin_steps > 0 else 0)
+        tasks = [(self.cfg.model_dump_json(), str(self.store.path), i) for i in range(n_runs)]
+        names = self.executor.map(walk_task, tasks)
+        results = [_load_walk(self.store, n) for n in names]
+        for n in names:
+            self.store.tensor_path(n).unlink(missing_ok=True)
+            (self.store.path / f"{n}.json").unlink(missing_ok=True)
         traces, summaries, msds, agings, evd, radii = [], [], [], [], [], []
         for i, r in enumerate(results):
             label = f"{r.kind} T={r.params.get('temperature')}"
@@ -404,6 +400,48 @@ class Study:
 
         build_report(self.store)
         return {}
+
+
+_WALK_ARRAYS = ("energy", "accuracy", "distance", "accepted", "test_loss", "test_accuracy", "snapshots", "alive",
+                "start_index", "theta")
+
+
+def walk_task(cfg_json: str, out: str, index: int) -> str:
+    """Run the ``index``-th walk of the study (one per temperature, then Langevin) and save it (a task)."""
+    from .config import StudyConfig
+    from .protocols import walk as W
+
+    cfg = StudyConfig.model_validate_json(cfg_json)
+    store = RunStore(out)
+    name = f"tasks/walk-{index}"
+    if store.has_tensors(name) and (store.path / f"{name}.json").exists():
+        return name
+    c = cfg.walk
+    problem = build_problem(cfg)
+    rep = load_replicas(store)
+    starts = rep.theta[torch.nonzero(rep.alive).flatten()][: c.starts]
+    if index < len(c.temperatures):
+        t = c.temperatures[index]
+        r = W.random_walk(problem, starts, n_walkers=c.n_walkers, steps=c.steps, step_size=c.step_size,
+                          temperature=None if t == "none" else float(t), normalize=c.normalize,
+                          record_every=c.record_every, seed=cfg.seed, progress=False)
+    else:
+        r = W.langevin(problem, starts, temperature=c.langevin_temperature, lr=c.langevin_lr, steps=c.langevin_steps,
+                       n_walkers=c.n_walkers, record_every=c.record_every, seed=cfg.seed, progress=False)
+    store.write_tensors(name, {k: getattr(r, k).contiguous() for k in _WALK_ARRAYS})
+    store.write_json(f"{name}.json", {"kind": r.kind, "params": r.params, "test_steps": r.test_steps,
+                                      "snapshot_steps": r.snapshot_steps})
+    return name
+
+
+def _load_walk(store: RunStore, name: str):
+    from .protocols.walk import WalkResult
+
+    t = store.read_tensors(name)
+    meta = store.read_json(f"{name}.json")
+    return WalkResult(meta["kind"], t["energy"], t["accuracy"], t["distance"], t["accepted"], meta["test_steps"],
+                      t["test_loss"], t["test_accuracy"], meta["snapshot_steps"], t["snapshots"], t["alive"],
+                      t["start_index"], t["theta"], meta["params"])
 
 
 def train_task(cfg_json: str, out: str, group: int, first: int, last: int) -> str:
