@@ -55,7 +55,7 @@ def explain(d: dict) -> str:
             "predicts the gap, so the choice is close to a coin toss among similar replicas")
     return (f"Ship replica {d['replica']} (test accuracy {d['chosen_test_accuracy'] * 100:.2f}%, percentile "
             f"{d['chosen_accuracy_percentile']:.0f} of the run; median {d['test_accuracy_median'] * 100:.2f}%, range "
-            f"{d['test_accuracy_min'] * 100:.2f}–{d['test_accuracy_max'] * 100:.2f}%). It is the flattest by "
+            f"{d['test_accuracy_min'] * 100:.2f}–{d['test_accuracy_max'] * 100:.2f}%). It ranks first (flattest) by "
             f"{d['measure']}, the measure that best predicts the generalisation gap here (Kendall τ = "
             f"{d['kendall_tau']:.2f}, 95% CI [{d['ci_low']:.2f}, {d['ci_high']:.2f}]); {conf}.")
 
