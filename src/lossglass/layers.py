@@ -147,8 +147,8 @@ def channel_stats(h: torch.Tensor, layout: str, k: int) -> tuple[torch.Tensor, t
     if layout == "img":
         dims = (0, 2, 3)
         n = h.shape[0] * h.shape[2] * h.shape[3]
-        return h.sum(dims, dtype=torch.float64), (h.double() ** 2).sum(dims), n
-    return h.sum(1, dtype=torch.float64).reshape(-1), (h.double() ** 2).sum(1).reshape(-1), h.shape[1]
+        return h.sum(dims).double(), h.square().sum(dims).double(), n
+    return h.sum(1).double().reshape(-1), h.square().sum(1).double().reshape(-1), h.shape[1]
 
 
 def spec(problem, ops: list[Op]) -> dict[str, tuple]:

@@ -22,6 +22,7 @@ from .datasets import Dataset
 from .errors import LossglassError, check, choice
 
 LOSSES = ("cross_entropy", "mse")
+_AFFINE_Z = 2**22  # floats of hidden pre-activations per block in evaluate_affine
 _ACTS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
     nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.GELU: F.gelu,
     nn.Identity: lambda z: z, nn.Flatten: lambda z: z,
@@ -423,7 +424,8 @@ class Problem:
                     correct[:, g0:g0 + gb] = ev["accuracy"].double().view(m, gb)
                     continue
                 first: _Linear = self._plan[0][1]
-                step = max(1, self.chunk_size(m * gb) // 2)
+                # data chunks sized so the hidden pre-activations of the block stay cache-sized
+                step = max(16, min(self.chunk_size(m * gb) // 2, _AFFINE_Z // max(m * gb * first.w.shape[0], 1)))
                 for i in range(0, len(x_all), step):
                     xb, yb = x_all[i:i + step], y_all[i:i + step]
                     n, h = len(xb), first.w.shape[0]

@@ -122,47 +122,50 @@ def _train(r: _Report) -> None:
                       f"How well the {len(ok)} trained replicas classify unseen data.")
 
 
+def _per_label(r: _Report, table: str, name: str, draw, xlabel: str, ylabel: str, caption: str) -> None:
+    """One figure with one curve per walk run (``label``), drawn by ``draw(ax, group, colour, label)``."""
+    t = r.table(table)
+    if t is None:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, (label, g) in enumerate(t.groupby("label", sort=False)):
+        draw(ax, g, PALETTE[i % 8], label)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend(frameon=False, fontsize=8)
+    r.figure(name, fig, caption)
+
+
 def _walk(r: _Report) -> None:
     s = r.table("walk_summary")
     if s is None:
         return
     r.h(2, "Protocol 1 — random walks and Monte Carlo", "walk")
-    tr = r.table("walk")
-    if tr is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for i, (label, g) in enumerate(tr.groupby("label", sort=False)):
-            m = g.groupby("step")["energy"].agg(["mean", "std"])
-            ax.plot(m.index, m["mean"], color=PALETTE[i % 8], label=label)
-            ax.fill_between(m.index, m["mean"] - m["std"], m["mean"] + m["std"], color=PALETTE[i % 8], alpha=0.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss E (nats)")
-        ax.legend(frameon=False, fontsize=8)
-        r.figure("walk_energy", fig, "Energy (mean training loss) along the walks, mean over walkers with a band of "
-                 "one standard deviation. A plain walk climbs as it leaves the minimum; a Metropolis walk at "
-                 "temperature T settles where uphill moves stop being accepted.")
-    ed = r.table("walk_energy_distance")
-    if ed is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for i, (label, g) in enumerate(ed.groupby("label", sort=False)):
-            ax.errorbar(g["distance"], g["energy"], yerr=g["std"].fillna(0), color=PALETTE[i % 8], label=label,
-                        marker="o", ms=3, capsize=2)
-        ax.set_xlabel("distance from start |θ − θ₀|")
-        ax.set_ylabel("training loss E (nats)")
-        ax.legend(frameon=False, fontsize=8)
-        r.figure("walk_energy_distance", fig, "Energy against distance from the starting solution, binned over all "
-                 "walkers and steps (error bars: standard deviation in the bin). The distance at which the curve "
-                 "rises gives the size of the basin.")
-    ms = r.table("walk_msd")
-    if ms is not None:
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for i, (label, g) in enumerate(ms.groupby("label", sort=False)):
-            g = g[(g["t"] > 0) & (g["msd"] > 0)]
-            ax.loglog(g["t"], g["msd"], color=PALETTE[i % 8], label=label)
-        ax.set_xlabel("step t")
-        ax.set_ylabel("MSD ⟨|θ_t − θ₀|²⟩")
-        ax.legend(frameon=False, fontsize=8)
-        r.figure("walk_msd", fig, "Mean squared displacement on log-log axes. Free diffusion has slope 1 "
-                 "(MSD = σ² t P); a slope below 1 (sub-diffusion) means walkers are confined by the landscape.")
+
+    def energy(ax, g, color, label):
+        m = g.groupby("step")["energy"].agg(["mean", "std"])
+        ax.plot(m.index, m["mean"], color=color, label=label)
+        ax.fill_between(m.index, m["mean"] - m["std"], m["mean"] + m["std"], color=color, alpha=0.2)
+
+    def by_distance(ax, g, color, label):
+        ax.errorbar(g["distance"], g["energy"], yerr=g["std"].fillna(0), color=color, label=label, marker="o", ms=3,
+                    capsize=2)
+
+    def msd(ax, g, color, label):
+        g = g[(g["t"] > 0) & (g["msd"] > 0)]
+        ax.loglog(g["t"], g["msd"], color=color, label=label)
+
+    _per_label(r, "walk", "walk_energy", energy, "step", "training loss E (nats)",
+               "Energy (mean training loss) along the walks, mean over walkers with a band of one standard deviation. "
+               "A plain walk climbs as it leaves the minimum; a Metropolis walk at temperature T settles where uphill "
+               "moves stop being accepted.")
+    _per_label(r, "walk_energy_distance", "walk_energy_distance", by_distance, "distance from start |θ − θ₀|",
+               "training loss E (nats)", "Energy against distance from the starting solution, binned over all walkers "
+               "and steps (error bars: standard deviation in the bin). The distance at which the curve rises gives the "
+               "size of the basin.")
+    _per_label(r, "walk_msd", "walk_msd", msd, "step t", "MSD ⟨|θ_t − θ₀|²⟩",
+               "Mean squared displacement on log-log axes. Free diffusion has slope 1 (MSD = σ² t P); a slope below 1 "
+               "(sub-diffusion) means walkers are confined by the landscape.")
     ag = r.table("walk_aging")
     if ag is not None and len(ag):
         labels = list(ag["label"].unique())
