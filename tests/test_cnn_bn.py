@@ -92,3 +92,23 @@ def test_layernorm_mlp_and_batch_mode(images):
     assert float(batch.energy(th)[0]) != pytest.approx(float(full.energy(th)[0]), abs=1e-9)
     with pytest.raises(lg.LossglassError, match="unknown batchnorm mode"):
         lg.Problem(lg.models.cnn((1, 8, 8), channels=(3,), n_classes=3), images, batchnorm="frozen")
+
+
+def test_fixed_statistics_mode(images):
+    prob = lg.Problem(lg.models.cnn((1, 8, 8), channels=(3, 4), n_classes=3), images, dtype=torch.float64,
+                      batchnorm="fixed")
+    full = lg.Problem(lg.models.cnn((1, 8, 8), channels=(3, 4), n_classes=3), images, dtype=torch.float64)
+    reps = lg.train(full, 2, epochs=3, batch_size=40, lr=0.05, progress=False)
+    a, b = reps.theta
+    with pytest.raises(lg.LossglassError, match="freeze_batchnorm"):
+        prob.energy(a)
+    prob.freeze_batchnorm(a)
+    path = lg.interpolate(prob, a, b, n_points=5)
+    assert path.train_loss[0] == pytest.approx(float(full.energy(a)), abs=1e-12)  # at the reference: identical
+    assert abs(path.train_loss[-1] - float(full.energy(b))) > 1e-6  # B judged with A's statistics: different
+    m = full.to_module(a).eval()
+    m.load_state_dict(full.to_module(a).state_dict())
+    x, y = prob.data["train"]
+    for name, mod in full.to_module(b).named_parameters():  # b's weights, a's running statistics = eval mode
+        m.get_parameter(name).data.copy_(mod.data)
+    assert path.train_loss[-1] == pytest.approx(float(F.cross_entropy(m(x), y)), abs=1e-10)

@@ -31,6 +31,9 @@ class ModelConfig(_Section):
     hidden: PositiveInt | list[PositiveInt] = 64
     channels: list[PositiveInt] = [16, 32]
     batchnorm: bool = True
+    # BatchNorm statistics at every evaluated point: recomputed on the training set (Garipov et al.; REPAIR),
+    # those of each data chunk ("batch"), or frozen at the protocol's reference point ("fixed", eval-mode style)
+    bn_stats: Literal["recompute", "batch", "fixed"] = "recompute"
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
     loss: Literal["cross_entropy", "mse"] = "cross_entropy"
     factory: str | None = None  # package.module:function returning an nn.Module (instead of the MLP)

@@ -22,7 +22,7 @@ from .datasets import Dataset
 from .errors import LossglassError, check, choice
 
 LOSSES = ("cross_entropy", "mse")
-_AFFINE_Z = 2**22  # floats of hidden pre-activations per block in evaluate_affine
+_AFFINE_Z = 2**24  # floats of hidden pre-activations per block in evaluate_affine
 _ACTS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
     nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.GELU: F.gelu,
     nn.Identity: lambda z: z, nn.Flatten: lambda z: z,
@@ -112,7 +112,8 @@ class Problem:
         from . import layers
 
         self._seq = layers.build(self.model, dataset.in_dim) if self._plan is None else None
-        self.batchnorm = choice("batchnorm mode", batchnorm, ("recompute", "batch"))
+        self.batchnorm = choice("batchnorm mode", batchnorm, ("recompute", "batch", "fixed"))
+        self._frozen_stats: dict | None = None
         self._bn = [i for i, o in enumerate(self._seq or []) if o.kind == "bn"]
         widths = [p.shape[0] for p in self.params if len(p.shape) == 2]
         widths += [math.prod(o.out_shape) for o in (self._seq or [])]
@@ -195,6 +196,21 @@ class Problem:
 
             return layers.forward(self, self._seq, theta, x, stats=stats)
         return self._forward_vmap(theta, x)
+
+    def freeze_batchnorm(self, theta: torch.Tensor) -> None:
+        """For ``batchnorm="fixed"``: keep the BatchNorm statistics of the point ``theta`` (``(P,)``) for every
+        later evaluation, as a module in ``eval()`` mode does while its weights are perturbed (what most landscape
+        tools do; along a path between two networks it is the known failure that recomputing repairs)."""
+        self._frozen_stats = self.bn_statistics(torch.as_tensor(theta).to(self.device, self.dtype).reshape(1, -1))
+
+    def _eval_stats(self, theta: torch.Tensor) -> dict | None:
+        if not self._bn or self.batchnorm == "batch":
+            return None
+        if self.batchnorm == "fixed":
+            check(self._frozen_stats is not None, "batchnorm='fixed' needs problem.freeze_batchnorm(theta) first")
+            k = theta.shape[0]
+            return {i: tuple(t.repeat(k) for t in st) for i, st in self._frozen_stats.items()}
+        return self.bn_statistics(theta)
 
     def bn_statistics(self, theta: torch.Tensor) -> dict:
         """Per-replica BatchNorm statistics over the whole training set at ``theta``, layer by layer (each layer's
@@ -302,7 +318,7 @@ class Problem:
         loss_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
         correct = torch.zeros(k, device=self.device, dtype=torch.float64)
         n = 0
-        stats = self.bn_statistics(theta) if self._bn and self.batchnorm == "recompute" else None
+        stats = self._eval_stats(theta)
         with torch.no_grad():
             for xb, yb in self._chunks(split, k):
                 out = self.forward(theta, xb, stats)

@@ -54,7 +54,7 @@ def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None)
         model = cnn(tuple(ds.shape), cfg.model.channels, ds.n_classes, batchnorm=cfg.model.batchnorm)
     else:
         model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
-    problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device)
+    problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device, batchnorm=cfg.model.bn_stats)
     if cfg.model.spec and hidden is None:
         from .byo import resolve
         from .symmetry import PermutationSpec
@@ -117,7 +117,7 @@ class Study:
         meta = self.store.read_json("meta.json", {}) or {}
         meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         meta.update({"versions": _versions(), "seed": self.cfg.seed, "device": self.cfg.device,
-                     "name": self.cfg.name})
+                     "name": self.cfg.name, "batchnorm_statistics": self.cfg.model.bn_stats})
         self.store.write_json("meta.json", meta)
 
     def run(self, stages=STAGES, force: bool = False) -> RunStore:
@@ -181,7 +181,10 @@ class Study:
         rep = load_replicas(self.store)
         alive = rep.alive
         check(bool(alive.any()), "every replica diverged: nothing to measure (lower train.lr)")
-        return rep[torch.nonzero(alive).flatten()]
+        rep = rep[torch.nonzero(alive).flatten()]
+        if self.problem._bn and self.problem.batchnorm == "fixed":  # statistics of the protocol's reference point
+            self.problem.freeze_batchnorm(rep.theta[0])
+        return rep
 
     def stage_walk(self) -> dict:
         from .protocols import walk as W
@@ -349,6 +352,10 @@ class Study:
         taus = pd.concat([K.rank_correlations(df, target=t, seed=self.cfg.seed) for t in ("gap_error", "gap_loss",
                                                                                             "test_error")])
         self.store.write_table("kendall", taus)
+        # the cheap proxies against the full measures they stand for, on the same replicas
+        pv = [K.rank_correlations(df, measures=[m], target=t, seed=self.cfg.seed)
+              for m, t in (("proxy_lambda_batch", "lambda_max"), ("proxy_perturbation", "sharpness_average"))]
+        self.store.write_table("proxy_validation", pd.concat(pv, ignore_index=True))
         if c.density:
             rows = []
             for label, idx in (("flattest", int(df["lambda_max"].idxmin())), ("sharpest", int(df["lambda_max"].idxmax()))):
@@ -420,6 +427,8 @@ def walk_task(cfg_json: str, out: str, index: int) -> str:
     problem = build_problem(cfg)
     rep = load_replicas(store)
     starts = rep.theta[torch.nonzero(rep.alive).flatten()][: c.starts]
+    if problem._bn and problem.batchnorm == "fixed":
+        problem.freeze_batchnorm(starts[0])
     if index < len(c.temperatures):
         t = c.temperatures[index]
         r = W.random_walk(problem, starts, n_walkers=c.n_walkers, steps=c.steps, step_size=c.step_size,

@@ -485,7 +485,9 @@ def build_report(store: RunStore | str, *, timestamp: str | None = None) -> str:
 {''.join(r.parts)}
 <h2 id="provenance">Config, seed, versions, run time</h2>
 <p>Seed {html.escape(str(meta.get('seed')))}, device {html.escape(str(meta.get('device')))},
-started {html.escape(str(meta.get('started')))}, finished {html.escape(str(meta.get('finished')))}.</p>
+started {html.escape(str(meta.get('started')))}, finished {html.escape(str(meta.get('finished')))}.
+BatchNorm statistics at evaluated points: {html.escape(str(meta.get('batchnorm_statistics', 'recompute')))}
+(applies to networks with BatchNorm only).</p>
 <table><thead><tr><th>stage</th><th>seconds</th></tr></thead><tbody>{stage_rows}</tbody></table>
 <pre>{html.escape(json.dumps(meta.get('versions', {}), indent=1, sort_keys=True))}</pre>
 <pre>{html.escape(cfg)}</pre>
