@@ -357,12 +357,19 @@ def _curvature(r: _Report) -> None:
     n = len(ms)
     cols = 4
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols, 2.9 * rows), squeeze=False, layout="constrained")
     groups = f["group"] if "group" in f else pd.Series(0, index=f.index)
+
+    def group_label(g) -> str:
+        row = f[groups == g].iloc[0]
+        if "method" in f and "batch_size" in f:
+            return f"{row['method']}, batch {int(row['batch_size'])}"
+        return f"group {g}"
+
     for ax, m in zip(axes.ravel(), ms):
         for i, g in enumerate(sorted(groups.unique())):
             sel = groups == g
-            ax.scatter(f.loc[sel, m], f.loc[sel, "gap_error"] * 100, s=14, color=PALETTE[i % 8], label=f"group {g}")
+            ax.scatter(f.loc[sel, m], f.loc[sel, "gap_error"] * 100, s=14, color=PALETTE[i % 8], label=group_label(g))
         ax.set_xlabel(m)
         ax.set_ylabel("generalisation gap (%)")
         if m in ("lambda_max", "hessian_trace") and (f[m] > 0).all() and f[m].max() / max(f[m].min(), 1e-12) > 30:
