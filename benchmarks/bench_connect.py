@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import sys
-import time
 
 import torch
 from common import best_of, fmnist
@@ -41,15 +40,17 @@ def matching_case() -> dict:
     prob = lg.Problem(lg.models.mlp(784, [512, 512, 512], 10), ds, device="cpu")
     reps = lg.train(prob, 2, epochs=2, batch_size=128, lr=0.05, seed=0, progress=False)
     a, b = reps.theta[0], reps.theta[1]
-    t0 = time.perf_counter()
-    ours, _ = lg.align(prob, a, b, method="weight")
-    t_ours = time.perf_counter() - t0
-    ma, mb = prob.to_module(a), prob.to_module(b)
-    t0 = time.perf_counter()
-    pcd = PermutationCoordinateDescent(ma, mb, ds.x_train[:8])
-    pcd.rebasin()
-    t_theirs = time.perf_counter() - t0
-    theirs = prob.flatten(mb)
+    res = {}
+    t_ours = best_of(lambda: res.update(ours=lg.align(prob, a, b, method="weight")[0]), 2)
+    ours = res["ours"]
+
+    def peer():
+        ma, mb = prob.to_module(a), prob.to_module(b)
+        PermutationCoordinateDescent(ma, mb, ds.x_train[:8]).rebasin()
+        res["theirs"] = prob.flatten(mb)
+
+    t_theirs = best_of(peer, 2)
+    theirs = res["theirs"]
     x = ds.x_test[:500]
     same_fn = torch.allclose(prob.forward(theirs[None], x), prob.forward(b[None], x), atol=1e-3)
     bars = lg.interpolate(prob, torch.stack([a, a, a]), torch.stack([b, ours, theirs]), n_points=21)
