@@ -248,14 +248,15 @@ class Problem:
     def _linear(self, theta, layer: _Linear, h: torch.Tensor) -> torch.Tensor:
         w = self._param(theta, layer.w)
         k, out_dim, in_dim = w.shape
-        if h.ndim == 2:  # shared input: one GEMM for all replicas
+        b = self._param(theta, layer.b) if layer.b is not None else None
+        if h.ndim == 2:  # shared input: one GEMM for all replicas, bias fused into it
             n = h.shape[0]
-            z = (h @ w.reshape(k * out_dim, in_dim).T).view(n, k, out_dim).transpose(0, 1)
-        else:
-            z = torch.bmm(h, w.transpose(1, 2))
-        if layer.b is not None:
-            z = z + self._param(theta, layer.b).view(k, 1, out_dim)
-        return z
+            wt = w.reshape(k * out_dim, in_dim).T
+            z = h @ wt if b is None else torch.addmm(b.reshape(1, k * out_dim), h, wt)
+            return z.view(n, k, out_dim).transpose(0, 1)
+        if b is None:
+            return torch.bmm(h, w.transpose(1, 2))
+        return torch.baddbmm(b.view(k, 1, out_dim), h, w.transpose(1, 2))
 
     def _forward_mlp(self, theta: torch.Tensor, x: torch.Tensor, start: int = 0) -> torch.Tensor:
         h = x
@@ -323,7 +324,7 @@ class Problem:
             for xb, yb in self._chunks(split, k):
                 out = self.forward(theta, xb, stats)
                 loss_sum += self._loss(out, yb).sum(1, dtype=torch.float64)
-                correct += (out.argmax(-1) == yb).sum(1, dtype=torch.float64)
+                correct += (out.contiguous().argmax(-1) == yb).sum(1, dtype=torch.float64)
                 n += len(yb)
         res = {"loss": (loss_sum / max(n, 1)).to(self.dtype), "accuracy": (correct / max(n, 1)).to(self.dtype)}
         return {k_: v[0] for k_, v in res.items()} if single else res
@@ -449,7 +450,7 @@ class Problem:
                     z = torch.bmm(cc, zb.reshape(m, basis.shape[1], n * h)).reshape(m * gb, n, h)
                     out = self._forward_mlp(theta, z, start=1)
                     loss_sum[:, g0:g0 + gb] += self._loss(out, yb).sum(1, dtype=torch.float64).view(m, gb)
-                    correct[:, g0:g0 + gb] += (out.argmax(-1) == yb).sum(1, dtype=torch.float64).view(m, gb)
+                    correct[:, g0:g0 + gb] += (out.contiguous().argmax(-1) == yb).sum(1, dtype=torch.float64).view(m, gb)
                 n_total = len(y_all)
                 loss_sum[:, g0:g0 + gb] /= n_total
                 correct[:, g0:g0 + gb] /= n_total

@@ -84,7 +84,7 @@ def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "wei
     x = problem.data["test"][0][:n_samples]
     with torch.no_grad():
         if kind == "functions":
-            pred = problem.forward(theta, x).argmax(-1)  # (K, N)
+            pred = problem.forward(theta, x).contiguous().argmax(-1)  # (K, N)
             onehot = torch.nn.functional.one_hot(pred, problem.dataset.n_classes).double()
             return torch.einsum("anc,bnc->ab", onehot, onehot).cpu() / pred.shape[1]
         if align:
