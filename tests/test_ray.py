@@ -26,7 +26,7 @@ def _run(tmp_path, name, executor):
     from lossglass.config import load_config
 
     cfg = load_config(_cfg(tmp_path, epochs=2), overrides=["train.chunk=2"])
-    return Study(cfg, tmp_path / name, progress=False, executor=executor).run(("train", "walk"))
+    return Study(cfg, tmp_path / name, progress=False, executor=executor).run(("train", "walk", "connect"))
 
 
 def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head, monkeypatch):
@@ -47,7 +47,9 @@ def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head
     a, b = local.read_tensors("replicas")["theta"], remote.read_tensors("replicas")["theta"]
     assert torch.equal(a, b)
     pd.testing.assert_frame_equal(local.read_table("replicas"), remote.read_table("replicas"))
-    pd.testing.assert_frame_equal(local.read_table("walk"), remote.read_table("walk"))
+    for table in ("walk", "perm_barriers", "pair_barriers", "paths", "plane_random", "plane_through", "width_barriers"):
+        pd.testing.assert_frame_equal(local.read_table(table), remote.read_table(table))
+    assert lg.RunStore(remote.path).stages()["connect"]["tasks"] == 8  # perm, 2 pairs, bezier, 2 planes, 2 widths
 
 
 def test_finished_tasks_are_not_recomputed(tmp_path):

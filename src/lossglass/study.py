@@ -225,70 +225,47 @@ class Study:
         self.store.write_table("walk_summary", pd.DataFrame(summaries))
         return {"runs": len(results)}
 
-    def stage_connect(self) -> dict:
-        from .protocols import connect as C
-        from .symmetry import align
+    def connect_tasks(self) -> list[tuple]:
+        """Independent pieces of the connect stage: permutation-interpolation, each pair, the Bezier curve, each
+        plane, each width of the width experiment."""
+        c, k = self.cfg.connect, len(self._alive())
+        parts = [("perm", 0)]
+        if k >= 2:
+            parts += [("pair", i) for i in range(min(c.pairs, k // 2))]
+            parts += [("bezier", 0)] if c.bezier_steps > 0 else []
+            parts += [("plane_through", 0)] if c.plane_steps >= 2 else []
+        parts += [("plane_random", 0)] if c.plane_steps >= 2 else []
+        parts += [("width", w) for w in c.widths]
+        cfg_json = self.cfg.model_dump_json()
+        return [(cfg_json, str(self.store.path), part, arg) for part, arg in parts]
 
-        c = self.cfg.connect
-        rep = self._alive()
-        prob = self.problem
-        perm = C.permutation_barriers(prob, rep.theta[0], swaps=[k for k in c.swaps if k != 1],
-                                      n_points=c.n_points, seed=self.cfg.seed)
-        self.store.write_table("perm_barriers", perm)
-        paths = []
-        if len(rep) >= 2:
-            pairs, naive, aligned = C.pair_barriers(prob, rep.theta, pairs=c.pairs, n_points=c.n_points,
-                                                    method=c.align, seed=self.cfg.seed)
-            self.store.write_table("pair_barriers", pairs)
-            for i, (pn, pa) in enumerate(zip(naive, aligned)):
-                for kind, pr in (("naive", pn), ("aligned", pa)):
-                    t = pr.table()
-                    t["pair"], t["kind"] = i, kind
-                    paths.append(t)
-            a, b = rep.theta[0], rep.theta[1]
-            b_al, _ = align(prob, a, b, method=c.align)
-            if c.bezier_steps > 0:
-                bz = C.bezier_path(prob, a, b, steps=c.bezier_steps, n_points=c.n_points, seed=self.cfg.seed,
-                                   progress=self.progress)
-                t = bz.table()
-                t["pair"], t["kind"] = 0, "bezier"
-                paths.append(t)
-            if c.plane_steps >= 2:
-                pt = C.plane_through(prob, a, b, b_al, steps=c.plane_steps)
-                tab = pt.table()
-                self.store.write_table("plane_through", tab)
-                self.store.write_json("plane_through_points.json", pt.points)
+    def stage_connect(self) -> dict:
+        tasks = self.connect_tasks()
+        names = self.executor.map(connect_task, tasks)
+        got: dict[str, list[pd.DataFrame]] = {}
+        for (_, _, part, _), name in zip(tasks, names):
+            for suffix in ("", "-paths"):
+                if self.store.has_table(name + suffix):
+                    got.setdefault(part + suffix, []).append(self.store.read_table(name + suffix))
+        out = {"perm": "perm_barriers", "pair": "pair_barriers", "plane_random": "plane_random",
+               "plane_through": "plane_through", "width": "width_barriers"}
+        for part, table in out.items():
+            if part in got:
+                self.store.write_table(table, pd.concat(got[part], ignore_index=True))
+        paths = got.get("pair-paths", []) + got.get("bezier", [])
         if paths:
             self.store.write_table("paths", pd.concat(paths, ignore_index=True))
-        if c.plane_steps >= 2:
-            pl = C.plane(prob, rep.theta[0], span=c.plane_span, steps=c.plane_steps, seed=self.cfg.seed)
-            self.store.write_table("plane_random", pl.table())
-        if c.widths:
-            self.store.write_table("width_barriers", self._width_experiment())
-        return {}
-
-    def _width_experiment(self) -> pd.DataFrame:
-        from .protocols import connect as C
-
-        c, t = self.cfg.connect, self.cfg.train
-        ds = self.problem.dataset
-        rows = []
-        for w in c.widths:
-            prob = build_problem(self.cfg, ds, hidden=w)
-            rep = train(prob, c.width_replicas, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr,
-                        optimizer=t.optimizer, momentum=t.momentum, seed=self.cfg.seed + 1000 + w,
-                        progress=self.progress)
-            ok = rep[torch.nonzero(rep.alive).flatten()]
-            if len(ok) < 2:
-                log(f"width {w}: fewer than 2 replicas converged, skipped")
-                continue
-            pairs, _, _ = C.pair_barriers(prob, ok.theta, pairs=len(ok) // 2, n_points=c.n_points, method=c.align)
-            for _, r in pairs.iterrows():
-                rows.append({"width": w, "n_params": prob.n_params, **r.to_dict(),
-                             "test_accuracy": float(ok.table["test_accuracy"].mean())})
-            log(f"width {w}: aligned barrier {pairs['barrier_aligned'].mean():.4f}, "
-                f"naive {pairs['barrier_naive'].mean():.4f}")
-        return pd.DataFrame(rows)
+        pts = [n for (_, _, part, _), n in zip(tasks, names) if part == "plane_through"]
+        if pts:
+            self.store.write_json("plane_through_points.json", self.store.read_json(f"{pts[0]}.json"))
+        for n in names:
+            for suffix in ("", "-paths"):
+                self.store.table_path(n + suffix).unlink(missing_ok=True)
+            (self.store.path / f"{n}.json").unlink(missing_ok=True)
+        if "width" in got:
+            for w, g in pd.concat(got["width"]).groupby("width"):
+                log(f"width {w}: aligned barrier {g['barrier_aligned'].mean():.4f}, naive {g['barrier_naive'].mean():.4f}")
+        return {"tasks": len(tasks), "executor": self.executor.name}
 
     def stage_replicas(self) -> dict:
         from .protocols import replicas as R
@@ -451,6 +428,64 @@ def _load_walk(store: RunStore, name: str):
     return WalkResult(meta["kind"], t["energy"], t["accuracy"], t["distance"], t["accepted"], meta["test_steps"],
                       t["test_loss"], t["test_accuracy"], meta["snapshot_steps"], t["snapshots"], t["alive"],
                       t["start_index"], t["theta"], meta["params"])
+
+
+def connect_task(cfg_json: str, out: str, part: str, arg: int) -> str:
+    """One independent piece of the connect stage (a task); writes its table(s) and returns their name."""
+    from .config import StudyConfig
+    from .protocols import connect as C
+    from .symmetry import align
+
+    cfg = StudyConfig.model_validate_json(cfg_json)
+    store = RunStore(out)
+    name = f"tasks/connect-{part}-{arg}"
+    if store.has_table(name):
+        return name
+    c = cfg.connect
+    prob = build_problem(cfg)
+    rep = load_replicas(store)
+    theta = rep.theta[torch.nonzero(rep.alive).flatten()]
+    if prob._bn and prob.batchnorm == "fixed":
+        prob.freeze_batchnorm(theta[0])
+    if part == "perm":
+        df = C.permutation_barriers(prob, theta[0], swaps=[k for k in c.swaps if k != 1], n_points=c.n_points,
+                                    seed=cfg.seed)
+    elif part == "pair":
+        pair, naive, aligned = C.pair_barriers(prob, theta[2 * arg:2 * arg + 2], pairs=1, n_points=c.n_points,
+                                               method=c.align, seed=cfg.seed)
+        pair[["a", "b"]] = [2 * arg, 2 * arg + 1]
+        paths = []
+        for kind, pr in (("naive", naive[0]), ("aligned", aligned[0])):
+            t = pr.table()
+            t["pair"], t["kind"] = arg, kind
+            paths.append(t)
+        store.write_table(name + "-paths", pd.concat(paths, ignore_index=True))
+        df = pair
+    elif part == "bezier":
+        df = C.bezier_path(prob, theta[0], theta[1], steps=c.bezier_steps, n_points=c.n_points, seed=cfg.seed,
+                           progress=False).table()
+        df["pair"], df["kind"] = 0, "bezier"
+    elif part == "plane_through":
+        b_al, _ = align(prob, theta[0], theta[1], method=c.align)
+        pt = C.plane_through(prob, theta[0], theta[1], b_al, steps=c.plane_steps)
+        store.write_json(f"{name}.json", pt.points)
+        df = pt.table()
+    elif part == "plane_random":
+        df = C.plane(prob, theta[0], span=c.plane_span, steps=c.plane_steps, seed=cfg.seed).table()
+    else:  # width: train replicas of a single-hidden-layer net of width arg, barriers between pairs
+        t = cfg.train
+        wprob = build_problem(cfg, prob.dataset, hidden=arg)
+        wr = train(wprob, c.width_replicas, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
+                   momentum=t.momentum, seed=cfg.seed + 1000 + arg, progress=False)
+        ok = wr[torch.nonzero(wr.alive).flatten()]
+        rows = []
+        if len(ok) >= 2:
+            pairs, _, _ = C.pair_barriers(wprob, ok.theta, pairs=len(ok) // 2, n_points=c.n_points, method=c.align)
+            rows = [{"width": arg, "n_params": wprob.n_params, **r.to_dict(),
+                     "test_accuracy": float(ok.table["test_accuracy"].mean())} for _, r in pairs.iterrows()]
+        df = pd.DataFrame(rows, columns=None if rows else ["width"])
+    store.write_table(name, df)
+    return name
 
 
 def train_task(cfg_json: str, out: str, group: int, first: int, last: int) -> str:
