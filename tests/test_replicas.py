@@ -42,6 +42,7 @@ def test_hand_built_tree_is_ultrametric_and_recovered():
         assert len({next(iter(v)) for v in groups.values()}) == len(groups)
     u = lg.ultrametricity(d, n_null=10, seed=0)
     s = u.summary
+    assert h.ultrametricity.summary["K_mean"] == pytest.approx(s["K_mean"])
     assert s["K_mean"] < 0.1 and s["K_mean"] < s["K_mean_null_gaussian"] - 0.2
     assert s["K_mean_z_gaussian"] < -3 and s["subdominant_distance"] < s["subdominant_distance_null_gaussian"]
     assert not s["trivial"]

@@ -290,8 +290,8 @@ class Study:
 
         c = self.cfg.replicas
         d = R.distances_from_overlaps(q)
-        h = R.hierarchy(d, method=c.method)
-        u = R.ultrametricity(d, max_triangles=c.max_triangles, seed=self.cfg.seed)
+        h = R.hierarchy(d, method=c.method, max_triangles=c.max_triangles, seed=self.cfg.seed)
+        u = h.ultrametricity
         pq = R.overlap_distribution(q)
         k = q.shape[0]
         ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")

@@ -172,11 +172,14 @@ class HierarchyResult:
     levels: pd.DataFrame
     cophenetic_distances: np.ndarray
     method: str
+    ultrametricity: UltrametricityResult | None = None
 
 
-def hierarchy(distances, method: str = "average") -> HierarchyResult:
-    """Agglomerative clustering of the replicas (scipy linkage: average, complete, single or ward) and the
-    cophenetic correlation: the Pearson correlation of d_ab with the dendrogram's merge heights."""
+def hierarchy(distances, method: str = "average", *, ultrametric: bool = True, seed: int = 0,
+              max_triangles: int = 200000) -> HierarchyResult:
+    """Agglomerative clustering of the replicas (scipy linkage: average, complete, single or ward), the
+    cophenetic correlation (the Pearson correlation of d_ab with the dendrogram's merge heights) and, with
+    ``ultrametric=True``, the ultrametricity index against its nulls (:func:`ultrametricity`)."""
     d = check_distances(distances)
     choice("linkage method", method, ("average", "complete", "single", "ward"))
     cond = squareform(d, checks=False)
@@ -184,7 +187,8 @@ def hierarchy(distances, method: str = "average") -> HierarchyResult:
     coph_corr, coph = sch.cophenet(z, cond)
     heights = z[:, 2]
     levels = pd.DataFrame({"height": heights, "n_clusters": np.arange(len(heights), 0, -1)})
-    return HierarchyResult(z, sch.leaves_list(z).tolist(), float(coph_corr), levels, squareform(coph), method)
+    um = ultrametricity(d, max_triangles=max_triangles, seed=seed) if ultrametric else None
+    return HierarchyResult(z, sch.leaves_list(z).tolist(), float(coph_corr), levels, squareform(coph), method, um)
 
 
 def _triangles(k: int, max_triangles: int, seed: int) -> np.ndarray:
