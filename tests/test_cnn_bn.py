@@ -72,6 +72,8 @@ def test_cnn_channel_permutation_and_alignment(cnn_problem):
     assert float(prob.energy(moved)) == pytest.approx(float(prob.energy(theta)), abs=1e-12)
     aligned, _ = lg.align(prob, theta, moved)
     assert float((aligned - theta).norm()) == 0.0
+    aligned, _ = lg.align(prob, theta, moved, method="activation")
+    assert float((aligned - theta).norm()) == 0.0
 
 
 def test_layernorm_mlp_and_batch_mode(images):

@@ -209,16 +209,36 @@ def weight_matching(problem: Problem, reference: torch.Tensor, theta: torch.Tens
 
 
 def hidden_activations(problem: Problem, theta: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
-    """Post-activation outputs of each hidden layer, ``[(K, N, h_l)]``, for an MLP."""
-    if problem._plan is None:
-        raise LossglassError("activation matching needs an MLP (or a model with a declared activation hook)")
-    outs, h = [], x
-    plan = problem._plan
-    for i, (kind, op) in enumerate(plan):
-        h = problem._linear(theta, op, h) if kind == "linear" else op(h)
-        is_last_of_block = kind == "act" and (i + 1 == len(plan) or plan[i + 1][0] == "linear")
-        if is_last_of_block:
-            outs.append(h)
+    """What each hidden layer hands to the next Linear/Conv, as ``[(K, M, units_l)]``: for an MLP M = N samples
+    and the units are the hidden neurons; for a CNN the units are channels and M = N x positions (each
+    spatial position is a sample of the channel), also across a Flatten."""
+    k = theta.shape[0]
+    if problem._plan is not None:
+        outs, h = [], x
+        plan = problem._plan
+        for i, (kind, op) in enumerate(plan):
+            h = problem._linear(theta, op, h) if kind == "linear" else op(h)
+            if kind == "act" and (i + 1 == len(plan) or plan[i + 1][0] == "linear"):
+                outs.append(h)
+        return outs
+    if getattr(problem, "_seq", None) is None:
+        raise LossglassError("activation matching needs an MLP or a Conv/Linear stack (or use method='weight')")
+    from . import layers
+
+    ops = problem._seq
+    consumers = [i for i, o in enumerate(ops) if o.kind in ("linear", "conv")][1:]
+    stats = problem._eval_stats(theta)
+    outs = []
+    for i in consumers:
+        h, layout = layers.forward(problem, ops, theta, x, stats=stats, stop_at=i)
+        n = h.shape[0] if layout == "img" else h.shape[1]
+        if layout == "img":  # (N, K*C, H, W) -> (K, N*H*W, C)
+            c = h.shape[1] // k
+            h = h.reshape(n, k, c, -1).permute(1, 0, 3, 2).reshape(k, -1, c)
+        elif i > 0 and ops[i - 1].kind == "flatten" and len(ops[i - 2].out_shape) == 3:  # channel blocks
+            c = ops[i - 2].out_shape[0]
+            h = h.reshape(k, n, c, -1).permute(0, 1, 3, 2).reshape(k, -1, c)
+        outs.append(h)
     return outs
 
 
