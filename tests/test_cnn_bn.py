@@ -114,3 +114,25 @@ def test_fixed_statistics_mode(images):
     for name, mod in full.to_module(b).named_parameters():  # b's weights, a's running statistics = eval mode
         m.get_parameter(name).data.copy_(mod.data)
     assert path.train_loss[-1] == pytest.approx(float(F.cross_entropy(m(x), y)), abs=1e-10)
+
+
+class FreeFormBN(nn.Module):
+    """Not a Sequential: BatchNorm inside a custom forward takes the vmap path with the module's statistics."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn, self.b = nn.Linear(64, 6), nn.BatchNorm1d(6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.b(torch.relu(self.bn(self.a(x))))
+
+
+def test_free_form_module_with_batchnorm_uses_its_own_statistics(images):
+    prob = lg.Problem(FreeFormBN(), images, dtype=torch.float64)
+    assert prob.batchnorm == "module"
+    theta = prob.init(2, 0)
+    x, y = prob.data["train"]
+    m = prob.to_module(theta[1]).eval()
+    assert float(prob.energy(theta)[1]) == pytest.approx(float(F.cross_entropy(m(x), y)), abs=1e-10)
+    r = lg.train(prob, 2, epochs=1, batch_size=40, lr=0.05, progress=False)
+    assert torch.isfinite(r.theta).all()

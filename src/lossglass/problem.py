@@ -115,6 +115,13 @@ class Problem:
         self.batchnorm = choice("batchnorm mode", batchnorm, ("recompute", "batch", "fixed"))
         self._frozen_stats: dict | None = None
         self._bn = [i for i, o in enumerate(self._seq or []) if o.kind == "bn"]
+        if self._plan is None and self._seq is None and any(
+                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            # a free-form module: vmap cannot update running statistics, so BatchNorm uses the module's own
+            # stored statistics everywhere (eval mode); recorded in self.batchnorm
+            self.model.eval()
+            self.batchnorm = "module"
+            self.buffers = {k: v for k, v in self.model.named_buffers()}
         widths = [p.shape[0] for p in self.params if len(p.shape) == 2]
         widths += [math.prod(o.out_shape) for o in (self._seq or [])]
         self._width = max(widths + [dataset.n_classes])
