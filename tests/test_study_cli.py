@@ -172,3 +172,22 @@ def test_report_of_an_incomplete_or_missing_folder(tmp_path, capsys):
     assert "This run is incomplete" in html and "stage walk not finished" in html
     assert "replicas_accuracy" in html
     assert main(["walk", str(tmp_path / "nothing")]) == 2
+
+
+def test_stale_task_results_are_discarded_when_options_change(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", str(_cfg(tmp_path)), "--out", str(out), "--quiet", "--stages", "train,walk"]) == 0
+    store = lg.RunStore(out, create=False)
+    # an interrupted walk with other options left a task result behind
+    stale = pd.DataFrame({"x": [1]})
+    store.write_table("tasks/walk-0", stale)
+    store.write_tensors("tasks/walk-0", {"energy": torch.zeros(1)})
+    store.write_json("tasks/walk-0.json", {"kind": "walk", "params": {}, "test_steps": [0], "snapshot_steps": [0]})
+    assert main(["walk", str(out), "--set", "walk.steps=4", "--quiet"]) == 0
+    w = store.read_table("walk")
+    assert w[w["kind"] == "walk"]["step"].max() == 4
+    # --force with a new config starts over, without reusing any task file
+    store.write_tensors("tasks/train-0-0-6", {"theta": torch.zeros(6, 3)})
+    assert main(["run", str(_cfg(tmp_path, epochs=3)), "--out", str(out), "--quiet", "--stages", "train",
+                 "--force"]) == 0
+    assert store.read_tensors("replicas")["theta"].shape[1] > 3

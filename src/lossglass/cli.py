@@ -58,6 +58,7 @@ def cmd_stage(a) -> int:
         return 0
     if marker.exists():
         marker.unlink()
+    study.discard_partial(a.command)  # results of an interrupted earlier attempt used other options
     getattr(cfg, a.command).enabled = True
     study.run((a.command, "report"))
     print(f"{a.command}: results in {run / 'tables'}")

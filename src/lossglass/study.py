@@ -113,12 +113,19 @@ class Study:
         if old.exists() and old.read_text() != text and force:
             for p in (self.store.path / "stages").glob("*.json"):
                 p.unlink()
+            self.discard_partial()
         self.store.write_text("config.toml", text)
         meta = self.store.read_json("meta.json", {}) or {}
         meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         meta.update({"versions": _versions(), "seed": self.cfg.seed, "device": self.cfg.device,
                      "name": self.cfg.name, "batchnorm_statistics": self.cfg.model.bn_stats})
         self.store.write_json("meta.json", meta)
+
+    def discard_partial(self, stage: str | None = None) -> None:
+        """Remove unfinished task results and checkpoints (of one stage, or all): they belong to another config."""
+        for folder, pattern in (("tasks", f"{stage}-*" if stage else "*"), ("checkpoints", f"{stage}-*" if stage else "*")):
+            for p in (self.store.path / folder).glob(pattern):
+                p.unlink()
 
     def run(self, stages=STAGES, force: bool = False) -> RunStore:
         self.prepare(force)
