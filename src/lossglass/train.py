@@ -135,6 +135,18 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     bar = tqdm(total=total_steps, initial=step, desc=f"train {k} replicas", disable=not progress or None,
                leave=False, unit="step")
     theta = theta.clone()
+
+    def freeze(bad: torch.Tensor, alive: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+        """Flag the ``bad`` replicas diverged at this step, restore their epoch-start state and clear their
+        optimiser buffers so that nothing moves them again; returns the new ``alive`` mask."""
+        if not bad.any():
+            return alive
+        diverged_at[bad.cpu()] = step
+        theta[bad] = safe[bad]
+        buf1[bad] = 0
+        buf2[bad] = 0
+        return alive & ~bad
+
     for epoch in range(start_epoch, epochs):
         safe = theta.clone()  # a diverging replica is restored to its state at the start of the epoch
         if not is_fn:  # per-replica order of mini-batches (RNG only: one permutation per replica)
@@ -149,18 +161,12 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
                 flat = idx.reshape(-1)
                 xb = x_train.index_select(0, flat).view(k, bsz, -1)
                 yb = y_train.index_select(0, flat).view(k, bsz)
-            loss, g = _loss_grad(problem, theta, xb, yb, alive)
-            bad = alive & ~torch.isfinite(loss)
-            if bad.any():
-                diverged_at[bad.cpu()] = step
-                alive = alive & ~bad
-                theta[bad] = safe[bad]
-                buf1[bad] = 0
-                buf2[bad] = 0
+            loss, g = problem.batch_loss_and_grad(theta, xb, yb, alive)
+            alive = freeze(alive & ~torch.isfinite(loss), alive, safe)
             frozen = not bool(alive.all())
             if method == "sam":
                 eps = rho * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                _, g = _loss_grad(problem, theta + eps, xb, yb, alive)
+                _, g = problem.batch_loss_and_grad(theta + eps, xb, yb, alive)
             if frozen:  # NaN rows can leak into a dead replica's gradient through its own weights
                 g[~alive] = 0
             if weight_decay:
@@ -189,11 +195,7 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
             bar.update(1)
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss[alive].mean().item():.4f}" if alive.any() else "all diverged")
-        bad = alive & ~torch.isfinite(theta).all(1)  # the last step of the epoch can still overflow
-        if bad.any():
-            diverged_at[bad.cpu()] = step
-            alive = alive & ~bad
-            theta[bad] = safe[bad]
+        alive = freeze(alive & ~torch.isfinite(theta).all(1), alive, safe)  # the epoch's last step can overflow
         if ckpt is not None:
             _save_checkpoint(ckpt, {"theta": theta, "buf1": buf1, "buf2": buf2, "alive": alive.to(torch.uint8),
                                     "diverged_at": diverged_at, "epoch": torch.tensor(epoch + 1),
@@ -202,10 +204,6 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     return Replicas(theta.detach(), _table(problem, theta, ids, seed, dict(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, method=method, momentum=momentum,
         weight_decay=weight_decay), lrs, alive, diverged_at, evaluate))
-
-
-def _loss_grad(problem: Problem, theta: torch.Tensor, xb, yb, alive: torch.Tensor):
-    return problem.batch_loss_and_grad(theta, xb, yb, alive)
 
 
 def _table(problem, theta, ids, seed, hp, lrs, alive, diverged_at, evaluate=True) -> pd.DataFrame:
