@@ -22,7 +22,6 @@ from .datasets import Dataset
 from .errors import LossglassError, check, choice
 
 LOSSES = ("cross_entropy", "mse")
-_AFFINE_Z = 2**24  # floats of hidden pre-activations per block in evaluate_affine
 _ACTS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
     nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.GELU: F.gelu,
     nn.Identity: lambda z: z, nn.Flatten: lambda z: z,
@@ -66,6 +65,18 @@ def _mlp_plan(model: nn.Module) -> list | None:
         else:
             return None
     return plan if plan and plan[0][0] == "linear" else None
+
+
+def _join(parts, k: int) -> torch.Tensor:
+    """Per-parameter tensors ``(K, *shape)`` -> one flat ``(K, P)`` tensor."""
+    return torch.cat([t.reshape(k, -1) for t in parts], 1)
+
+
+def _masked_total(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Sum of the per-replica losses where ``mask`` holds and the loss is finite; ``torch.where`` passes no
+    gradient (not even NaN) to the masked side, so frozen or diverged replicas get none."""
+    keep = torch.isfinite(loss) if mask is None else (mask & torch.isfinite(loss))
+    return torch.where(keep, loss, torch.zeros_like(loss)).sum()
 
 
 class Problem:
@@ -352,7 +363,7 @@ class Problem:
             for a, gb in zip(acc, torch.autograd.grad(per.sum(), parts)):
                 a += gb
             e += per.detach()
-        g = torch.cat([a.reshape(theta.shape[0], -1) for a in acc], 1)
+        g = _join(acc, theta.shape[0])
         return (e[0], g[0]) if single else (e, g)
 
     def batch_loss_and_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
@@ -361,10 +372,8 @@ class Problem:
         (or whose loss is not finite) contribute nothing to the backward pass."""
         parts = self.split(theta, leaf=True)
         loss = self.batch_loss(parts, x, y)
-        keep = torch.isfinite(loss) if mask is None else (mask & torch.isfinite(loss))
-        total = torch.where(keep, loss, torch.zeros_like(loss)).sum()
-        grads = torch.autograd.grad(total, parts)
-        return loss.detach(), torch.cat([g.reshape(theta.shape[0], -1) for g in grads], 1)
+        grads = torch.autograd.grad(_masked_total(loss, mask), parts)
+        return loss.detach(), _join(grads, theta.shape[0])
 
     def grad(self, theta: torch.Tensor) -> torch.Tensor:
         """grad E(theta), same shape as theta (replicas are independent, so one backward serves all K)."""
@@ -384,7 +393,7 @@ class Problem:
             gs = torch.autograd.grad(per, parts, create_graph=True)
             for a, hv in zip(acc, torch.autograd.grad(gs, parts, grad_outputs=vparts)):
                 a += hv
-        out = torch.cat([a.reshape(theta.shape[0], -1) for a in acc], 1)
+        out = _join(acc, theta.shape[0])
         return out[0] if single else out
 
     def hvp_operator(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -403,7 +412,7 @@ class Problem:
         def mv(v: torch.Tensor) -> torch.Tensor:
             v = v.to(self.device, self.dtype).reshape(theta.shape)
             hv = torch.autograd.grad(gs, parts, grad_outputs=self.split(v), retain_graph=True)
-            return torch.cat([h.reshape(theta.shape[0], -1) for h in hv], 1)
+            return _join(hv, theta.shape[0])
 
         return mv
 
@@ -448,8 +457,7 @@ class Problem:
                     correct[:, g0:g0 + gb] = ev["accuracy"].double().view(m, gb)
                     continue
                 first: _Linear = self._plan[0][1]
-                # data chunks sized so the hidden pre-activations of the block stay cache-sized
-                step = max(16, min(self.chunk_size(m * gb) // 2, _AFFINE_Z // max(m * gb * first.w.shape[0], 1)))
+                step = max(1, self.chunk_size(m * gb) // 2)
                 for i in range(0, len(x_all), step):
                     xb, yb = x_all[i:i + step], y_all[i:i + step]
                     n, h = len(xb), first.w.shape[0]
@@ -522,8 +530,7 @@ class FunctionProblem(Problem):
     def batch_loss_and_grad(self, theta, x=None, y=None, mask=None):
         theta = theta.detach().requires_grad_(True)
         loss = self._energy(theta)
-        keep = torch.isfinite(loss) if mask is None else (mask & torch.isfinite(loss))
-        g, = torch.autograd.grad(torch.where(keep, loss, torch.zeros_like(loss)).sum(), theta, allow_unused=True)
+        g, = torch.autograd.grad(_masked_total(loss, mask), theta, allow_unused=True)
         return loss.detach(), (torch.zeros_like(theta) if g is None else g)
 
     def energy_and_grad(self, theta):
