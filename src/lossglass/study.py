@@ -78,6 +78,17 @@ def load_replicas(store: RunStore) -> Replicas:
     return Replicas(store.read_tensors("replicas")["theta"], store.read_table("replicas"))
 
 
+def alive_replicas(store: RunStore, problem: Problem) -> Replicas:
+    """The replicas that did not diverge; with ``batchnorm="fixed"``, the problem's BatchNorm statistics are
+    frozen at the first of them (every protocol's reference point)."""
+    rep = load_replicas(store)
+    check(bool(rep.alive.any()), "every replica diverged: nothing to measure (lower train.lr)")
+    rep = rep[torch.nonzero(rep.alive).flatten()]
+    if problem._bn and problem.batchnorm == "fixed":
+        problem.freeze_batchnorm(rep.theta[0])
+    return rep
+
+
 def _versions() -> dict:
     import scipy
 
@@ -185,13 +196,7 @@ class Study:
         return {"replicas": len(table), "tasks": len(tasks), "executor": self.executor.name}
 
     def _alive(self) -> Replicas:
-        rep = load_replicas(self.store)
-        alive = rep.alive
-        check(bool(alive.any()), "every replica diverged: nothing to measure (lower train.lr)")
-        rep = rep[torch.nonzero(alive).flatten()]
-        if self.problem._bn and self.problem.batchnorm == "fixed":  # statistics of the protocol's reference point
-            self.problem.freeze_batchnorm(rep.theta[0])
-        return rep
+        return alive_replicas(self.store, self.problem)
 
     def stage_walk(self) -> dict:
         from .protocols import walk as W
@@ -409,10 +414,7 @@ def walk_task(cfg_json: str, out: str, index: int) -> str:
         return name
     c = cfg.walk
     problem = build_problem(cfg)
-    rep = load_replicas(store)
-    starts = rep.theta[torch.nonzero(rep.alive).flatten()][: c.starts]
-    if problem._bn and problem.batchnorm == "fixed":
-        problem.freeze_batchnorm(starts[0])
+    starts = alive_replicas(store, problem).theta[: c.starts]
     if index < len(c.temperatures):
         t = c.temperatures[index]
         r = W.random_walk(problem, starts, n_walkers=c.n_walkers, steps=c.steps, step_size=c.step_size,
@@ -450,10 +452,7 @@ def connect_task(cfg_json: str, out: str, part: str, arg: int) -> str:
         return name
     c = cfg.connect
     prob = build_problem(cfg)
-    rep = load_replicas(store)
-    theta = rep.theta[torch.nonzero(rep.alive).flatten()]
-    if prob._bn and prob.batchnorm == "fixed":
-        prob.freeze_batchnorm(theta[0])
+    theta = alive_replicas(store, prob).theta
     if part == "perm":
         df = C.permutation_barriers(prob, theta[0], swaps=[k for k in c.swaps if k != 1], n_points=c.n_points,
                                     seed=cfg.seed)

@@ -110,11 +110,10 @@ def _log_steps(steps: int, n: int = 24) -> list[int]:
     return sorted({0, *np.unique(np.round(np.logspace(0, math.log10(max(steps, 1)), n)).astype(int)).tolist()})
 
 
-def _run(problem: Problem, start, n_walkers: int, steps: int, seed: int, record_every: int, kind: str,
+def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: int, record_every: int, kind: str,
          propose, params: dict, progress: bool) -> WalkResult:
     check(isinstance(steps, int) and steps > 0, f"steps must be a positive int, got {steps!r}")
     check(isinstance(record_every, int) and record_every > 0, f"record_every must be a positive int, got {record_every}")
-    theta, start_idx = _starts(problem, start, n_walkers)
     w = theta.shape[0]
     theta0 = theta.clone()
     has_test = not isinstance(problem, FunctionProblem)
@@ -178,7 +177,7 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
           f"step_size must be a positive number, got {step_size!r}")
     check(temperature is None or (isinstance(temperature, (int, float)) and temperature >= 0),
           f"temperature must be None or >= 0, got {temperature!r}")
-    theta_s, _ = _starts(problem, start, n_walkers)
+    theta_s, start_idx = _starts(problem, start, n_walkers)
     w = theta_s.shape[0]
     scale = step_scale(problem, theta_s, normalize) * step_size
     noise = generators(seed, range(w), stream=11)
@@ -199,7 +198,7 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
         return new, ev["loss"], ev["accuracy"], acc
 
     kind = "walk" if temperature is None else "metropolis"
-    return _run(problem, start, n_walkers, steps, seed, record_every, kind, propose,
+    return _run(problem, theta_s, start_idx, steps, record_every, kind, propose,
                 {"step_size": step_size, "temperature": temperature, "normalize": normalize or "none"}, progress)
 
 
@@ -210,7 +209,7 @@ def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: i
     per mode, so the bias is O(lr lambda))."""
     check(isinstance(temperature, (int, float)) and temperature >= 0, f"temperature must be >= 0, got {temperature!r}")
     check(isinstance(lr, (int, float)) and lr > 0, f"lr must be > 0, got {lr!r}")
-    theta_s, _ = _starts(problem, start, n_walkers)
+    theta_s, start_idx = _starts(problem, start, n_walkers)
     w = theta_s.shape[0]
     noise = generators(seed, range(w), stream=13)
     dev, dt = problem.device, problem.dtype
@@ -223,7 +222,7 @@ def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: i
         ev = problem.evaluate(new, "train")
         return new, ev["loss"], ev["accuracy"], torch.ones(w, dtype=torch.bool, device=dev)
 
-    return _run(problem, start, n_walkers, steps, seed, record_every, "langevin", propose,
+    return _run(problem, theta_s, start_idx, steps, record_every, "langevin", propose,
                 {"lr": lr, "temperature": temperature}, progress)
 
 
