@@ -67,19 +67,71 @@ def test_walk_deterministic_and_walkers_independent(tiny):
     assert torch.equal(a.accepted, c.accepted[:, :4])
 
 
-def test_nan_walker_is_stopped_and_flagged():
+def _nan_region(a=0.3):
+    """E = |theta|^2 / 2, but NaN where theta_0 > a."""
     def fn(t):
         e = 0.5 * t.pow(2).sum(1)
-        return torch.where(t[:, 0] > 0.3, torch.full_like(e, float("nan")), e)
+        return torch.where(t[:, 0] > a, torch.full_like(e, float("nan")), e)
 
-    prob = lg.Problem.from_function(fn, 3, dtype=torch.float64)
-    res = lg.random_walk(prob, torch.zeros(3, dtype=torch.float64), n_walkers=8, steps=50, step_size=0.1, seed=0,
-                         progress=False)
+    return lg.Problem.from_function(fn, 3, dtype=torch.float64)
+
+
+def test_plain_walk_records_inf_in_a_nan_region_and_goes_on():
+    res = lg.random_walk(_nan_region(), torch.zeros(3, dtype=torch.float64), n_walkers=8, steps=50, step_size=0.1,
+                         seed=0, progress=False)
+    assert res.alive.all()  # nobody is dropped
+    inf = torch.isinf(res.energy)
+    assert inf.any() and not torch.isnan(res.energy).any()
+    assert torch.equal(res.nonfinite, inf.sum(0))  # one count per step spent in the region
+    assert torch.equal(res.accepted[1:], torch.ones_like(res.accepted[1:]))  # every step is taken
+    t, m, _ = lg.msd(res)  # the walk itself is unaffected: positions go on
+    assert np.all(m[1:] > 0)
+    br = W.basin_radius(res, [10.0])  # a rise of 10 is only reached by entering the region (E <= 1.5 elsewhere)
+    first_inf = torch.where(inf.any(0), inf.int().argmax(0), -1)
+    assert br["step"].tolist() == first_inf.tolist()
+    s = W.summarize(res, [10.0])
+    assert s["stopped_walkers"] == 0 and s["nonfinite"] == int(inf.sum())
+    assert s["nonfinite_walkers"] == int(inf.any(0).sum()) and s["nonfinite_end"] == int(inf[-1].sum())
+    assert math.isfinite(s["energy_end"])
+
+
+def test_metropolis_rejects_nan_region_and_samples_the_truncated_law():
+    # exp(-E/T) restricted to theta_0 <= a (E = +inf beyond): theta_0 is a normal truncated at a, the others N(0, T)
+    a, temp, walkers = 0.3, 0.5, 400
+    res = lg.random_walk(_nan_region(a), torch.zeros(3, dtype=torch.float64), n_walkers=walkers, steps=500,
+                         step_size=0.6, temperature=temp, seed=4, progress=False)
+    assert res.alive.all() and torch.isfinite(res.energy).all()
+    assert (res.nonfinite > 0).all()  # every walker had proposals rejected for a NaN energy ...
+    assert (res.theta[:, 0] <= a).all()  # ... and none was ever accepted
+    assert W.summarize(res)["nonfinite"] == int(res.nonfinite.sum())
+    sd = math.sqrt(temp)
+    al = a / sd
+    phi, cdf = math.exp(-al**2 / 2) / math.sqrt(2 * math.pi), 0.5 * (1 + math.erf(al / math.sqrt(2)))
+    mean0 = -sd * phi / cdf  # truncated-normal mean: -0.388
+    expected_e = temp / 2 * (1 - al * phi / cdf) + 2 * temp / 2  # <theta_0^2>/2 + (P - 1) T / 2 = 0.692
+    wm = res.energy[100:].numpy().mean(0)
+    assert abs(wm.mean() - expected_e) < 4 * wm.std() / math.sqrt(walkers), (wm.mean(), expected_e)
+    x0 = res.theta[:, 0].numpy()
+    assert abs(x0.mean() - mean0) < 4 * x0.std() / math.sqrt(walkers), (x0.mean(), mean0)
+    others = res.theta[:, 1:].numpy()  # untouched directions keep Var = T
+    assert abs(others.var() - temp) < 4 * temp * math.sqrt(2 / others.size)
+
+
+def test_langevin_walker_stopped_by_nan_is_flagged_and_censored():
+    res = lg.langevin(_nan_region(), torch.zeros(3, dtype=torch.float64), temperature=0.5, lr=0.05, steps=60,
+                      n_walkers=8, seed=0, progress=False)
     assert (~res.alive).any() and res.alive.any()
     stopped = torch.nonzero(~res.alive).flatten()
-    assert torch.isnan(res.energy[-1, stopped]).all()
-    assert torch.isfinite(res.energy[-1, res.alive]).all()
-    assert W.summarize(res)["stopped_walkers"] == int((~res.alive).sum())
+    assert torch.isnan(res.energy[-1, stopped]).all() and torch.isfinite(res.energy[-1, res.alive]).all()
+    assert torch.equal(res.nonfinite, (~res.alive).long())
+    br = W.basin_radius(res, [10.0])  # never crossed: every walker censored, stopped ones at their last finite distance
+    assert br["censored"].all()
+    e, d = res.energy.numpy(), res.distance.numpy()
+    last = np.where(np.isnan(e), -np.inf, d).max(0)
+    assert np.allclose(br["censor_distance"].to_numpy(), last)
+    s = W.summarize(res, [10.0])
+    assert s["stopped_walkers"] == len(stopped) and s["radius_10_lower_bound"] and s["radius_10_reached"] == 0.0
+    assert s["radius_10_median"] == pytest.approx(np.median(last))
 
 
 def test_start_from_replicas_and_filter_normalisation(tiny):
@@ -96,18 +148,80 @@ def test_start_from_replicas_and_filter_normalisation(tiny):
     assert tab["test_loss"].notna().sum() == 6 * len(res.test_steps)
 
 
-def test_basin_radius_and_aging_on_known_traces():
-    steps = 10
-    e = torch.zeros(steps + 1, 2, dtype=torch.float64)
-    e[:, 0] = torch.arange(steps + 1) * 0.1  # walker 0 climbs 0.1 per step
-    d = torch.arange(steps + 1, dtype=torch.float64).unsqueeze(1).repeat(1, 2) * 2.0
-    res = W.WalkResult("walk", e, e.clone(), d, torch.ones_like(e, dtype=torch.bool), [0], torch.zeros(1, 2),
-                       torch.zeros(1, 2), [0, 5], torch.randn(2, 2, 4), torch.ones(2, dtype=torch.bool),
-                       torch.zeros(2, dtype=torch.long), torch.zeros(2, 4))
-    br = W.basin_radius(res, [0.25])
-    assert br["radius"].iloc[0] == 6.0 and np.isnan(br["radius"].iloc[1])  # E > 0.25 first at step 3
+def _traces(radius, crossed, steps=10):
+    """Hand-made walk: walker i moves out linearly to ``radius[i]`` at step 5 and stays; a crossing walker's
+    energy jumps from 0 to 1 at step 5 (so its radius at delta 0.5 is radius[i]); the others stay at 0."""
+    r = torch.as_tensor(radius, dtype=torch.float64)
+    w = len(r)
+    t = torch.arange(steps + 1, dtype=torch.float64).unsqueeze(1)
+    d = torch.minimum(t / 5, torch.ones(1, dtype=torch.float64)) * r
+    e = torch.zeros(steps + 1, w, dtype=torch.float64)
+    e[5:, torch.as_tensor(crossed)] = 1.0
+    return W.WalkResult("walk", e, e.clone(), d, torch.ones_like(e, dtype=torch.bool), [0], torch.zeros(1, w),
+                        torch.zeros(1, w), [0, 5], torch.randn(2, w, 4, dtype=torch.float64),
+                        torch.ones(w, dtype=torch.bool), torch.zeros(w, dtype=torch.long), torch.zeros(w, 4))
+
+
+@pytest.mark.parametrize("radius,crossed,median,lower,reached", [
+    # no censoring, even count: the ordinary sample median
+    ([1, 2, 3, 4], [1, 1, 1, 1], 2.5, False, 1.0),
+    # textbook case, censored at 2 and 5: S = 5/6, 5/8, 5/12 at r = 1, 3, 4 -> 4 (dropping them gave 3.5)
+    ([1, 2, 3, 4, 5, 6], [1, 0, 1, 1, 0, 1], 4.0, False, 4 / 6),
+    # heavy censoring, 4 of 10 crossed: S = 6/7, 5/7, 15/28, 10/28 at r = 1, 2, 3, 4 -> 4 (dropping gave 2.5)
+    ([1, 2, 3, 4, .5, .5, .5, 2.5, 6, 7], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 4.0, False, 0.4),
+    # 2 of 10 crossed, S stays at 0.8: only a lower bound, the median of all observed distances (dropping gave 1.5)
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0], 5.5, True, 0.2),
+])
+def test_kaplan_meier_median_radius_on_known_traces(radius, crossed, median, lower, reached):
+    crossed = [bool(c) for c in crossed]
+    res = _traces(radius, crossed)
+    br = W.basin_radius(res, [0.5])
+    assert br["censored"].tolist() == [not c for c in crossed]
+    assert np.allclose(br["radius"].fillna(-1), [r if c else -1 for r, c in zip(radius, crossed)])
+    assert np.allclose(br["censor_distance"].fillna(-1), [-1 if c else r for r, c in zip(radius, crossed)])
+    assert br["step"].tolist() == [5 if c else -1 for c in crossed]
+    s = W.summarize(res, [0.5])
+    assert s["radius_0.5_median"] == pytest.approx(median)
+    assert s["radius_0.5_lower_bound"] is lower
+    assert s["radius_0.5_reached"] == pytest.approx(reached)
+
+
+def test_kaplan_meier_curve_and_quantiles():
+    times, surv = W.kaplan_meier([1, 2, 3, 4, 5, 6], [1, 0, 1, 1, 0, 1])
+    assert times.tolist() == [1, 3, 4, 6] and np.allclose(surv, [5 / 6, 5 / 8, 5 / 12, 0])
+    assert W.km_quantile([1, 2, 3, 4, 5, 6], [1, 0, 1, 1, 0, 1], 0.25) == (3.0, False)
+    assert W.km_quantile([1, 2, 3], [0, 0, 0]) == (2.0, True)  # nobody crossed
+    assert math.isnan(W.km_quantile([np.nan], [False])[0])
+    with pytest.raises(lg.LossglassError, match="deltas must be positive"):
+        W.basin_radius(_traces([1.0], [True]), [0.0])
+
+
+def test_aging_of_free_diffusion_matches_closed_form():
+    # theta_t = theta_0 + sigma sum xi: Delta(tw, tw+t) = sigma^2 t, C(tw, tw+t) = |theta_0|^2/P + sigma^2 tw
+    p, sigma, walkers, steps = 20, 0.1, 500, 60
+    theta0 = torch.full((p,), 0.5, dtype=torch.float64)
+    res = lg.random_walk(_flat(p), theta0, n_walkers=walkers, steps=steps, step_size=sigma, seed=6, progress=False)
     ag = W.aging(res)
-    assert list(ag.columns) == ["tw", "t", "C", "Delta"] and len(ag) == 1
+    assert list(ag.columns) == ["tw", "t", "C", "Delta", "C_norm", "C_se", "Delta_se", "walkers"]
+    assert len(ag) == len(res.snapshot_steps) * (len(res.snapshot_steps) - 1) // 2 and (ag["walkers"] == walkers).all()
+    tw, t = ag["tw"].to_numpy(float), ag["t"].to_numpy(float)
+    n0 = float(theta0 @ theta0)
+    # exact standard errors: Delta ~ sigma^2 t chi^2_P / P; Var(theta(tw).theta(tw+t)) =
+    # sigma^2 |theta_0|^2 (4 tw + t) + P sigma^4 tw (2 tw + t)
+    se_d = sigma**2 * t * np.sqrt(2 / (p * walkers))
+    se_c = np.sqrt((sigma**2 * n0 * (4 * tw + t) + p * sigma**4 * tw * (2 * tw + t)) / walkers) / p
+    z_d = (ag["Delta"] - sigma**2 * t) / se_d
+    z_c = (ag["C"] - (n0 / p + sigma**2 * tw)) / se_c
+    assert np.abs(z_d).max() < 4.5 and np.abs(z_c).max() < 4.5, (np.abs(z_d).max(), np.abs(z_c).max())
+    assert abs(z_d.mean()) < 1 and abs(z_c.mean()) < 1.5  # no systematic offset
+    assert np.allclose(ag["Delta_se"], se_d, rtol=0.3) and np.allclose(ag["C_se"][tw > 0], se_c[tw > 0], rtol=0.3)
+    # it ages: at fixed t, C grows with tw by sigma^2 tw
+    big = ag[(ag["t"] == ag["t"].max())]
+    assert len(big) == 1 and big["C"].iloc[0] > n0 / p
+    # the normalised version is <= 1 and a 1-walker walk gives NaN errors, no warning
+    assert (ag["C_norm"] <= 1 + 1e-12).all() and (W.aging(res, normalized=True)["C"] == ag["C_norm"]).all()
+    one = W.aging(lg.random_walk(_flat(p), theta0, steps=5, step_size=sigma, seed=6, progress=False))
+    assert one["C_se"].isna().all() and one["walkers"].eq(1).all()
 
 
 def test_bad_walk_inputs(tiny):

@@ -27,7 +27,12 @@ class WalkResult:
 
     energy, accuracy, distance: ``(steps+1, W)``; accepted: ``(steps+1, W)`` bool (row 0 True);
     test_steps with test_loss/test_accuracy ``(len(test_steps), W)``; snapshots ``(S, W, P)`` at
-    log-spaced ``snapshot_steps`` (for aging); alive ``(W,)`` False for a walker stopped by a NaN energy.
+    log-spaced ``snapshot_steps`` (for aging); alive ``(W,)`` False for a walker stopped by a non-finite
+    state (Langevin only; or a start whose energy is not finite).
+
+    nonfinite ``(W,)``: proposals whose energy (or parameters) were NaN/inf. Metropolis rejects them (the
+    walker stays and goes on); the plain walk records E = +inf for that step (the walker has left the basin)
+    and goes on; Langevin stops the walker there (count 0 or 1, ``alive`` False, energy NaN from then on).
     """
 
     kind: str
@@ -44,6 +49,11 @@ class WalkResult:
     start_index: torch.Tensor
     theta: torch.Tensor
     params: dict = field(default_factory=dict)
+    nonfinite: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.nonfinite is None:  # results saved before the count existed
+            self.nonfinite = torch.zeros(self.energy.shape[1], dtype=torch.long)
 
     @property
     def n_walkers(self) -> int:
@@ -110,10 +120,21 @@ def _log_steps(steps: int, n: int = 24) -> list[int]:
     return sorted({0, *np.unique(np.round(np.logspace(0, math.log10(max(steps, 1)), n)).astype(int)).tolist()})
 
 
+NONFINITE = ("reject", "record", "stop")
+
+
 def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: int, record_every: int, kind: str,
-         propose, params: dict, progress: bool) -> WalkResult:
+         propose, params: dict, progress: bool, on_nonfinite: str) -> WalkResult:
+    """Drive ``propose`` for ``steps`` steps on all walkers at once and record the traces.
+
+    ``propose(theta, state) -> (new, E(new), accuracy(new), accept mask)``. A proposal with a non-finite
+    energy or parameters is counted per walker and, by ``on_nonfinite``: ``"reject"`` (Metropolis: exp(-inf)
+    = 0, the walker stays where it is), ``"record"`` (plain walk: the step is taken and E = +inf recorded;
+    a non-finite *position* still stops the walker) or ``"stop"`` (Langevin: the walker is frozen, flagged
+    ``alive=False`` and its energy recorded as NaN from then on)."""
     check(isinstance(steps, int) and steps > 0, f"steps must be a positive int, got {steps!r}")
     check(isinstance(record_every, int) and record_every > 0, f"record_every must be a positive int, got {record_every}")
+    choice("on_nonfinite", on_nonfinite, NONFINITE)
     w = theta.shape[0]
     theta0 = theta.clone()
     has_test = not isinstance(problem, FunctionProblem)
@@ -125,6 +146,7 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
     accepted = torch.ones(steps + 1, w, dtype=torch.bool)
     energy[0], accuracy[0] = e.cpu().double(), acc.cpu().double()
     alive = torch.isfinite(e)
+    nonfinite = torch.zeros(w, dtype=torch.long, device=e.device)
     test_steps = [t for t in range(0, steps + 1, record_every)]
     if test_steps[-1] != steps:
         test_steps.append(steps)
@@ -139,10 +161,19 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
         test_loss[0], test_acc[0] = te["loss"].cpu().double(), te["accuracy"].cpu().double()
         ti = 1
     state = {"e": e, "acc": acc}
+    inf = torch.full_like(e, float("inf"))
     for t in tqdm(range(1, steps + 1), desc=kind, disable=not progress or None, leave=False, unit="step"):
         new, new_e, new_acc, acc_mask = propose(theta, state)
-        ok = torch.isfinite(new_e) & torch.isfinite(new).all(1)
-        alive = alive & ok
+        finite_theta = torch.isfinite(new).all(1)
+        bad = alive & ~(torch.isfinite(new_e) & finite_theta)
+        nonfinite += bad.long()
+        if on_nonfinite == "reject":
+            acc_mask = acc_mask & ~bad
+        elif on_nonfinite == "record":
+            alive = alive & finite_theta
+            new_e = torch.where(bad, inf, new_e)
+        else:
+            alive = alive & ~bad
         take = acc_mask & alive
         theta = torch.where(take.unsqueeze(1), new, theta)
         state["e"] = torch.where(take, new_e, state["e"])
@@ -159,7 +190,7 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
             snaps[si] = theta.cpu()
             si += 1
     return WalkResult(kind, energy, accuracy, distance, accepted, test_steps, test_loss, test_acc, snap_steps,
-                      snaps, alive.cpu(), start_idx, theta.detach().cpu(), params)
+                      snaps, alive.cpu(), start_idx, theta.detach().cpu(), params, nonfinite.cpu())
 
 
 def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100, step_size: float = 0.01,
@@ -169,8 +200,14 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
 
     ``start``: one solution ``(P,)`` (all walkers there), several ``(S, P)`` or a ``Replicas`` (``n_walkers``
     walkers from each). ``temperature=None``: every step is taken (the paper's walk; MSD = sigma^2 t P for
-    s = 1). ``temperature=T``: Metropolis, accept with probability min(1, exp(-(E' - E) / T)), E the mean
-    training loss; the stationary law is exp(-E/T), so for E = 1/2 theta^T H theta, <E> = P T / 2.
+    s = 1); a step into a region where E is NaN/inf is still taken and recorded as E = +inf (the walker has
+    left the basin; it counts as crossing every basin-radius threshold) and counted in ``nonfinite``.
+    ``temperature=T``: Metropolis, accept with probability min(1, exp(-(E' - E) / T)), E the mean
+    training loss; the stationary law is exp(-E/T), so for E = 1/2 theta^T H theta, <E> = P T / 2. A
+    proposal with a non-finite energy is rejected (acceptance exp(-inf) = 0, i.e. E = +inf there; also for
+    E' = -inf) and counted in ``nonfinite``: no walker is lost, so there is no survivor bias.
+    T is in the units of the problem's energy (the mean training loss for a network); for the spherical
+    p-spin, whose energy is per spin (H/N), the physical temperature is N T.
     ``normalize`` scales the step per filter or layer (see :func:`step_scale`).
     """
     check(isinstance(step_size, (int, float)) and step_size > 0 and math.isfinite(step_size),
@@ -199,14 +236,20 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
 
     kind = "walk" if temperature is None else "metropolis"
     return _run(problem, theta_s, start_idx, steps, record_every, kind, propose,
-                {"step_size": step_size, "temperature": temperature, "normalize": normalize or "none"}, progress)
+                {"step_size": step_size, "temperature": temperature, "normalize": normalize or "none"}, progress,
+                "record" if temperature is None else "reject")
 
 
 def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: int = 100, n_walkers: int = 1,
              record_every: int = 10, seed: int = 0, progress: bool = True) -> WalkResult:
     """Overdamped Langevin dynamics theta <- theta - lr grad E + sqrt(2 lr T) xi (full-batch gradient);
     its stationary law tends to exp(-E/T) as lr -> 0 (for a quadratic, <E> = P T / (2 (1 - lr lambda / 2))
-    per mode, so the bias is O(lr lambda))."""
+    per mode, so the bias is O(lr lambda)).
+
+    T is in the units of the problem's energy (the mean training loss for a network); for the spherical
+    p-spin, whose energy is per spin (H/N), the physical temperature is N T. The drift is deterministic, so
+    a walker whose energy or parameters become NaN/inf cannot be rejected back: it is stopped there
+    (``alive`` False, energy NaN from then on, ``nonfinite`` 1) and censored in :func:`basin_radius`."""
     check(isinstance(temperature, (int, float)) and temperature >= 0, f"temperature must be >= 0, got {temperature!r}")
     check(isinstance(lr, (int, float)) and lr > 0, f"lr must be > 0, got {lr!r}")
     theta_s, start_idx = _starts(problem, start, n_walkers)
@@ -223,22 +266,82 @@ def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: i
         return new, ev["loss"], ev["accuracy"], torch.ones(w, dtype=torch.bool, device=dev)
 
     return _run(problem, theta_s, start_idx, steps, record_every, "langevin", propose,
-                {"lr": lr, "temperature": temperature}, progress)
+                {"lr": lr, "temperature": temperature}, progress, "stop")
 
 
 # ---------------------------------------------------------------------------- observables
+def kaplan_meier(distance, crossed) -> tuple[np.ndarray, np.ndarray]:
+    """Kaplan-Meier survival curve S(r) = prod_{r_j <= r} (1 - d_j / n_j) (Kaplan & Meier 1958).
+
+    ``distance`` per walker is the distance at which it crossed (``crossed`` True) or at which it was
+    censored; r_j are the distinct crossing distances, d_j the crossings at r_j and n_j the walkers still at
+    risk there (observed distance >= r_j: a walker censored at r_j counts as at risk at r_j). Non-finite
+    distances are left out. Returns (r_j, S(r_j))."""
+    r = np.asarray(distance, dtype=np.float64)
+    ev = np.asarray(crossed, dtype=bool)
+    ok = np.isfinite(r)
+    r, ev = r[ok], ev[ok]
+    times = np.unique(r[ev])
+    if len(times) == 0:
+        return times, np.ones(0)
+    at_risk = len(r) - np.searchsorted(np.sort(r), times, side="left")
+    ev_sorted = np.sort(r[ev])
+    d = np.searchsorted(ev_sorted, times, side="right") - np.searchsorted(ev_sorted, times, side="left")
+    return times, np.cumprod(1 - d / at_risk)
+
+
+def km_quantile(distance, crossed, q: float = 0.5) -> tuple[float, bool]:
+    """The q-quantile of the radius from the Kaplan-Meier curve: the smallest crossing distance r with
+    S(r) <= 1 - q; where S equals 1 - q exactly up to the next crossing, the midpoint of the two (as R's
+    ``survfit``; without censoring this is the ordinary sample quantile, e.g. the median of an even count).
+
+    Returns ``(value, is_lower_bound)``. When S never falls to 1 - q (for the median: fewer than half of
+    the walkers crossed and the censored ones were not shed early) the quantile is not estimable; then the
+    value returned is the q-quantile of every walker's observed distance (crossing or censoring distance),
+    a conservative lower bound (each walker's radius is at least its observed distance), and the flag is
+    True. NaN when no walker has a finite distance."""
+    check(0 < q < 1, f"q must be in (0, 1), got {q}")
+    r = np.asarray(distance, dtype=np.float64)
+    ok = np.isfinite(r)
+    if not ok.any():
+        return float("nan"), False
+    times, surv = kaplan_meier(r, crossed)
+    level = 1 - q
+    below = np.flatnonzero(surv <= level + 1e-12)
+    if len(below) == 0:
+        return float(np.quantile(r[ok], q)), True
+    j = int(below[0])
+    if abs(surv[j] - level) <= 1e-12 and j + 1 < len(times):
+        return float(0.5 * (times[j] + times[j + 1])), False
+    return float(times[j]), False
+
+
 def basin_radius(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> pd.DataFrame:
-    """For each delta and walker: the distance from the start at the first step where E > E0 + delta
-    (NaN if the walk never left). Columns: delta, walker, radius, step."""
+    """Per delta and walker, the radius of the basin (PHYSICS.md): the distance from the start at the first
+    step where E > E0 + delta (E = +inf, a step of the plain walk into a NaN region, counts as crossing).
+
+    Columns: delta, walker, radius (NaN when censored), step (first crossing, -1 when censored), censored,
+    censor_distance. A walker that never crosses is censored at the largest distance it reached while its
+    energy was recorded (a Langevin walker stopped by a non-finite state: up to its last finite step); a
+    walker whose start energy is not finite has no basin (censored, censor_distance NaN, left out of the
+    Kaplan-Meier estimate). Use :func:`km_quantile` on (radius or censor_distance, not censored) for the
+    median; :func:`summarize` does."""
     e, d = result.energy.numpy(), result.distance.numpy()
+    w = e.shape[1]
+    deltas = [float(x) for x in np.atleast_1d(deltas)]
+    check(all(math.isfinite(x) and x > 0 for x in deltas), f"deltas must be positive numbers, got {deltas}")
+    recorded = ~np.isnan(e)  # +inf is recorded (left the basin); NaN: the walker was stopped
+    reach = np.where(recorded, d, -np.inf).max(0)  # largest distance while recorded
+    start_ok = np.isfinite(e[0])
     rows = []
     for delta in deltas:
-        above = e > (e[0] + delta)  # (T+1, W); NaN compares False
+        above = (e > (e[0] + delta)) & start_ok  # (T+1, W); NaN compares False
         hit = above.any(0)
         first = np.where(hit, above.argmax(0), -1)
-        radius = np.where(hit, d[np.clip(first, 0, None), np.arange(e.shape[1])], np.nan)
-        rows.append(pd.DataFrame({"delta": delta, "walker": np.arange(e.shape[1]), "radius": radius,
-                                  "step": first}))
+        radius = np.where(hit, d[np.clip(first, 0, None), np.arange(w)], np.nan)
+        censor = np.where(hit | ~start_ok, np.nan, reach)
+        rows.append(pd.DataFrame({"delta": delta, "walker": np.arange(w), "radius": radius, "step": first,
+                                  "censored": ~hit, "censor_distance": censor}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -255,55 +358,93 @@ def msd(result: WalkResult) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def energy_vs_distance(result: WalkResult, bins: int = 20) -> pd.DataFrame:
-    """Energy averaged over walkers in bins of distance from the start: bin centre, mean, std, count."""
+    """Energy averaged over walkers in bins of distance from the start: distance (bin mean), energy (mean of
+    the finite energies), std, count (finite energies) and nonfinite (steps in the bin recorded as E = +inf
+    by the plain walk: they are left out of the mean, so read it with this count)."""
     d, e = result.distance.numpy().ravel(), result.energy.numpy().ravel()
-    ok = np.isfinite(e)
-    d, e = d[ok], e[ok]
+    keep = ~np.isnan(e)  # NaN: a stopped walker's rows, not data
+    d, e = d[keep], e[keep]
     edges = np.linspace(0, d.max() if len(d) and d.max() > 0 else 1, bins + 1)
     which = np.clip(np.digitize(d, edges) - 1, 0, bins - 1)
-    df = pd.DataFrame({"bin": which, "energy": e, "distance": d}).groupby("bin")
-    out = df.agg(distance=("distance", "mean"), energy=("energy", "mean"), std=("energy", "std"),
-                 count=("energy", "size")).reset_index(drop=True)
+    fin = np.isfinite(e)
+    df = pd.DataFrame({"bin": which, "energy": np.where(fin, e, np.nan), "distance": d, "nonfinite": ~fin})
+    out = df.groupby("bin").agg(distance=("distance", "mean"), energy=("energy", "mean"), std=("energy", "std"),
+                                count=("energy", "count"), nonfinite=("nonfinite", "sum")).reset_index(drop=True)
     return out
 
 
+def _mean_se(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean over the last axis and its standard error std/sqrt(n) (ddof 1); NaN error for n < 2."""
+    n = x.shape[-1]
+    m = x.mean(-1)
+    if n < 2:
+        return m, torch.full_like(m, float("nan"))
+    return m, x.std(-1) / math.sqrt(n)
+
+
 def aging(result: WalkResult, normalized: bool = False) -> pd.DataFrame:
-    """Two-time quantities on the log-spaced snapshots (Baity-Jesi et al. 2018), averaged over walkers:
-    C(tw, tw+t) = <theta(tw) . theta(tw+t)> / P (or divided by the norms if ``normalized``) and
-    Delta(tw, tw+t) = <|theta(tw+t) - theta(tw)|^2> / P. A system ages when C depends on tw, not only on t."""
+    """Two-time quantities on the log-spaced snapshots (Baity-Jesi et al. 2018), averaged over live walkers:
+
+        C(tw, tw+t) = <theta(tw) . theta(tw+t)> / P  (``C_norm``: divided by |theta(tw)| |theta(tw+t)|),
+        Delta(tw, tw+t) = <|theta(tw+t) - theta(tw)|^2> / P.
+
+    ``C`` is C_norm when ``normalized``. A system ages when C depends on tw, not only on t. For free
+    diffusion theta_t = theta_0 + sigma sum xi: Delta = sigma^2 t and C = |theta_0|^2 / P + sigma^2 tw
+    (it ages). Near a trained minimum C ~ |theta|^2 / P hides the motion: plot Delta (or 1 - C_norm).
+    Columns: tw, t, C, Delta, C_norm, C_se, Delta_se (standard errors over walkers), walkers."""
     s = result.snapshots.double()  # (S, W, P)
     steps = result.snapshot_steps
     p = s.shape[-1]
     live = result.alive
-    rows = []
-    for i, tw in enumerate(steps):
+    n_live = int(live.sum())
+    frames = []
+    for i, tw in enumerate(steps):  # loop over waiting times only; all walkers and later times at once
         a = s[i][live]
         b = s[i + 1:][:, live]  # (S-i-1, W', P)
         if b.shape[0] == 0 or a.shape[0] == 0:
             continue
         dot = (b * a).sum(-1)
-        c = dot / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30) if normalized else dot / p
-        delta = (b - a).pow(2).sum(-1) / p
-        for j, t2 in enumerate(steps[i + 1:]):
-            rows.append({"tw": tw, "t": t2 - tw, "C": float(c[j].mean()), "Delta": float(delta[j].mean())})
-    return pd.DataFrame(rows)
+        c_norm = dot / (a.norm(dim=-1) * b.norm(dim=-1)).clamp_min(1e-30)
+        c, c_se = _mean_se(c_norm if normalized else dot / p)
+        dl, dl_se = _mean_se((b - a).pow(2).sum(-1) / p)
+        frames.append(pd.DataFrame({"tw": tw, "t": np.asarray(steps[i + 1:]) - tw, "C": c.numpy(), "Delta": dl.numpy(),
+                                    "C_norm": c_norm.mean(-1).numpy(), "C_se": c_se.numpy(), "Delta_se": dl_se.numpy(),
+                                    "walkers": n_live}))
+    cols = ["tw", "t", "C", "Delta", "C_norm", "C_se", "Delta_se", "walkers"]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
 def summarize(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> dict:
-    """Headline numbers of a walk: acceptance, MSD exponent, median basin radius per delta, final energy."""
+    """Headline numbers of a walk: acceptance, MSD exponent, energies, non-finite counts, and per delta the
+    Kaplan-Meier median basin radius (censored walkers kept, see :func:`basin_radius`, :func:`km_quantile`).
+
+    Keys: kind, walkers, steps, acceptance, msd_alpha, energy_start / energy_end (means over the finite
+    values), stopped_walkers (alive False), nonfinite (non-finite proposals, all walkers), nonfinite_walkers
+    (walkers with at least one), nonfinite_end (walkers whose final energy is not finite), distance_max; per
+    delta: radius_{delta}_median (the KM median, or a lower bound when ``radius_{delta}_lower_bound``),
+    radius_{delta}_lower_bound (S(r) never fell to 1/2), radius_{delta}_iqr (KM q75 - q25, NaN when either is
+    not estimable), radius_{delta}_reached (fraction of walkers that crossed); then the walk's params."""
     _, _, alpha = msd(result)
     br = basin_radius(result, deltas)
+    e0, e1 = result.energy[0].numpy(), result.energy[-1].numpy()
     out = {"kind": result.kind, "walkers": result.n_walkers, "steps": int(result.energy.shape[0] - 1),
            "acceptance": float(result.acceptance_rate.mean()), "msd_alpha": alpha,
-           "energy_start": float(np.nanmean(result.energy[0].numpy())),
-           "energy_end": float(np.nanmean(result.energy[-1].numpy())),
+           "energy_start": float(e0[np.isfinite(e0)].mean()) if np.isfinite(e0).any() else float("nan"),
+           "energy_end": float(e1[np.isfinite(e1)].mean()) if np.isfinite(e1).any() else float("nan"),
            "stopped_walkers": int((~result.alive).sum()),
+           "nonfinite": int(result.nonfinite.sum()), "nonfinite_walkers": int((result.nonfinite > 0).sum()),
+           "nonfinite_end": int((~np.isfinite(e1)).sum()),
            "distance_max": float(np.nanmax(result.distance.numpy()))}
     for delta, grp in br.groupby("delta"):
-        r = grp["radius"].to_numpy()
-        out[f"radius_{delta:g}_median"] = float(np.nanmedian(r)) if np.isfinite(r).any() else float("nan")
-        out[f"radius_{delta:g}_iqr"] = (float(np.nanpercentile(r, 75) - np.nanpercentile(r, 25))
-                                        if np.isfinite(r).any() else float("nan"))
-        out[f"radius_{delta:g}_reached"] = float(np.isfinite(r).mean())
+        crossed = ~grp["censored"].to_numpy()
+        obs = np.where(crossed, grp["radius"].to_numpy(), grp["censor_distance"].to_numpy())
+        med, lower = km_quantile(obs, crossed, 0.5)
+        q25, low25 = km_quantile(obs, crossed, 0.25)
+        q75, low75 = km_quantile(obs, crossed, 0.75)
+        n = int(np.isfinite(obs).sum())
+        out[f"radius_{delta:g}_median"] = med
+        out[f"radius_{delta:g}_lower_bound"] = lower
+        out[f"radius_{delta:g}_iqr"] = q75 - q25 if not (low25 or low75) else float("nan")
+        out[f"radius_{delta:g}_reached"] = float(crossed[np.isfinite(obs)].mean()) if n else float("nan")
     out.update({k: v for k, v in result.params.items()})
     return out
