@@ -7,6 +7,16 @@ import lossglass as lg
 from lossglass.datasets import from_tensors
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are tiny: intra-op threads only add synchronisation, which costs tens of seconds on a
+    loaded machine. One thread for this module, restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def images():
     g = torch.Generator().manual_seed(0)
@@ -114,6 +124,71 @@ def test_fixed_statistics_mode(images):
     for name, mod in full.to_module(b).named_parameters():  # b's weights, a's running statistics = eval mode
         m.get_parameter(name).data.copy_(mod.data)
     assert path.train_loss[-1] == pytest.approx(float(F.cross_entropy(m(x), y)), abs=1e-10)
+
+
+def _smooth_bn_cnn():
+    """A BatchNorm CNN without kinks (tanh, average pooling): finite differences see no ReLU or max-pool switch."""
+    return nn.Sequential(nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.Tanh(),
+                         nn.AvgPool2d(2), nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.AvgPool2d(2),
+                         nn.Flatten(), nn.Linear(16, 3))
+
+
+def _unit(gen, shape):
+    v = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "batch", "fixed"])
+def test_batchnorm_derivatives_are_those_of_the_energy(images, mode):
+    """grad and hvp against central finite differences of energy(), over several data chunks, for 1 and 8
+    replicas batched (the chunk size falls with K: 100 and 16 samples of 240)."""
+    prob = lg.Problem(_smooth_bn_cnn(), images, dtype=torch.float64, memory_mb=0.3, batchnorm=mode, bn_batch=32)
+    assert prob.chunk_size(1) < 240 and prob.chunk_size(8) < prob.chunk_size(1)
+    theta = prob.init(8, 0)
+    if mode == "fixed":
+        prob.freeze_batchnorm(theta[0])
+    gen = torch.Generator().manual_seed(1)
+    v, w = _unit(gen, theta.shape), _unit(gen, theta.shape)
+    for k in (1, 8):
+        t, vv, ww = theta[:k], v[:k], w[:k]
+        e, g = prob.energy_and_grad(t)
+        assert torch.allclose(e, prob.energy(t), atol=1e-13, rtol=0)
+        h = 1e-5
+        fd = (prob.energy(t + h * vv) - prob.energy(t - h * vv)) / (2 * h)
+        assert torch.allclose((g * vv).sum(1), fd, atol=1e-8, rtol=0), (mode, k)
+        hv = prob.hvp(t, vv)
+        h = 1e-4  # w^T H v from four energies
+        fd2 = (prob.energy(t + h * (vv + ww)) - prob.energy(t + h * (vv - ww)) - prob.energy(t - h * (vv - ww))
+               + prob.energy(t - h * (vv + ww))) / (4 * h * h)
+        assert torch.allclose((hv * ww).sum(1), fd2, atol=1e-5, rtol=0), (mode, k)
+        h = 1e-6  # the whole vector: H v = d/dh grad E(theta + h v)
+        fdg = (prob.grad(t + h * vv) - prob.grad(t - h * vv)) / (2 * h)
+        assert float(((hv - fdg).norm(dim=1) / fdg.norm(dim=1)).max()) < 1e-4, (mode, k)
+    assert torch.allclose(prob.hvp_operator(theta[:1])(v[:1]), prob.hvp(theta[:1], v[:1]), atol=1e-12)
+
+
+def test_batchnorm_hessian_of_a_replica_does_not_depend_on_its_batch(images):
+    model = lg.models.cnn((1, 8, 8), channels=(3, 4), n_classes=3)
+    chunked = lg.Problem(model, images, dtype=torch.float64, memory_mb=0.3)
+    whole = lg.Problem(model, images, dtype=torch.float64, memory_mb=1000.0)
+    assert chunked.chunk_size(8) < chunked.chunk_size(1) < 240 <= whole.chunk_size(8)
+    theta = chunked.init(8, 0)
+    v = torch.randn(8, chunked.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    # one chunk: autograd through the batch statistics of the whole set is the exact reference
+    ref_g, ref_hv = whole.grad(theta[:1]), whole.hvp(theta[:1], v[:1])
+    for k in (1, 8):
+        assert torch.allclose(chunked.grad(theta[:k])[0], ref_g[0], atol=1e-12)
+        assert torch.allclose(chunked.hvp(theta[:k], v[:k])[0], ref_hv[0], atol=1e-11)
+    # batch mode: statistics of fixed BatchNorm batches, so the energy is the same for any number of replicas
+    batch = lg.Problem(model, images, dtype=torch.float64, memory_mb=0.3, batchnorm="batch", bn_batch=48)
+    assert torch.allclose(batch.energy(theta[:1])[0], batch.energy(theta)[0], atol=1e-14)
+    assert torch.allclose(batch.hvp(theta[:1], v[:1])[0], batch.hvp(theta, v)[0], atol=1e-11)
+    x, y = batch.data["train"]
+    m = batch.to_module(theta[0]).train()  # five BatchNorm batches of 48, each with its own statistics
+    ref = sum(F.cross_entropy(m(x[i:i + 48]), y[i:i + 48], reduction="sum") for i in range(0, 240, 48)) / 240
+    assert float(batch.energy(theta[0])) == pytest.approx(float(ref), abs=1e-12)
+    with pytest.raises(lg.LossglassError, match="bn_batch must be an int >= 2"):
+        lg.Problem(model, images, batchnorm="batch", bn_batch=1)
 
 
 class FreeFormBN(nn.Module):

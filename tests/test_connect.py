@@ -9,6 +9,15 @@ from lossglass.protocols.connect import barrier_of, filter_normalize, width_barr
 from .conftest import needs_fmnist
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small tensors: intra-op threads only add synchronisation (costly on a loaded machine). Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("fixture", ["tiny", "deep"])
 def test_permuted_network_computes_the_same_function(request, fixture):
     prob = request.getfixturevalue(fixture)
@@ -94,6 +103,62 @@ def test_planes(tiny):
     assert (bx, by) == (1.0, 0.0)
     rec = theta[0] + cx * thr.directions[0] + cy * thr.directions[1]
     assert torch.allclose(rec, theta[2], atol=1e-10)
+
+
+def _sphere_problem(n: int = 12):
+    """E(s) = (|s|^2 / N - 1)^2 on the sphere |s|^2 = N: exactly 0 on it, positive anywhere off it."""
+    return lg.Problem.from_function(lambda t: (t.pow(2).sum(1) / n - 1) ** 2, n, dtype=torch.float64,
+                                    manifold=lg.problem.Sphere(n**0.5))
+
+
+def test_paths_and_planes_stay_on_the_sphere():
+    n = 12
+    prob = _sphere_problem(n)
+    a, b, c = prob.init(3, 0)
+    assert float(prob.energy(torch.stack([a, b, c])).abs().max()) < 1e-24
+    chord = (a + b) / 2
+    assert float(prob.energy(chord)) > 1e-3  # the straight chord leaves the sphere
+    assert np.abs(lg.interpolate(prob, a, b, n_points=21).train_loss).max() < 1e-24
+    many = lg.interpolate(prob, torch.stack([a, b]), torch.stack([b, c]), n_points=9)
+    assert max(np.abs(r.train_loss).max() for r in many) < 1e-24
+    assert np.abs(lg.bezier_path(prob, a, b, steps=5, progress=False).train_loss).max() < 1e-24
+    pl = lg.plane(prob, a, steps=7, span=2.0)
+    assert pl.projected and np.abs(pl.train_loss).max() < 1e-24
+    assert float(pl.directions @ a @ torch.ones(2, dtype=torch.float64)) == pytest.approx(0.0, abs=1e-9)  # tangent
+    thr = lg.plane_through(prob, a, b, c, steps=6)
+    assert np.abs(thr.train_loss).max() < 1e-24 and thr.points["B"] == (1.0, 0.0)
+    with pytest.raises(lg.LossglassError, match="must lie on the problem's manifold"):
+        lg.interpolate(prob, a, 2 * b)
+    with pytest.raises(lg.LossglassError, match="antipodal"):
+        lg.interpolate(prob, a, -a)
+
+
+def test_geodesic_is_the_great_circle_at_constant_speed():
+    # E(s) = s_0 on the sphere of radius 2: from A = 2 e0 to B = 2 e1 the geodesic is 2 (cos(t pi/2) e0 + sin(t pi/2) e1)
+    prob = lg.Problem.from_function(lambda t: t[:, 0].clone(), 3, dtype=torch.float64, manifold=lg.problem.Sphere(2.0))
+    a = torch.tensor([2.0, 0.0, 0.0], dtype=torch.float64)
+    b = torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)
+    res = lg.interpolate(prob, a, b, n_points=11)
+    t = res.alphas
+    assert np.allclose(res.train_loss, 2 * np.cos(t * np.pi / 2), atol=1e-14)
+    # barrier baseline stays the chord of the end energies: max_t 2 cos(t pi/2) - 2 (1 - t)
+    assert res.barrier == pytest.approx(float(np.max(2 * np.cos(t * np.pi / 2) - 2 * (1 - t))))
+    w = lg.problem.Sphere(2.0).geodesic(a[None], a[None], torch.tensor([0.0, 0.5, 1.0]))  # coincident: the limit
+    assert torch.allclose(w[0], torch.tensor([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]], dtype=torch.float64))
+
+
+def test_pspin_geodesic_is_the_projected_chord():
+    n = 32
+    prob = lg.models.spherical_pspin(n, 3, seed=0)
+    th = lg.descend(prob, prob.init(2, 0), steps=200, lr=0.2)  # near two different minima
+    assert float((th.pow(2).sum(1) / n - 1).abs().max()) < 1e-12
+    geo = lg.interpolate(prob, th[0], th[1], n_points=41)
+    chord = 0.5 * (th[0] + th[1])
+    # the same path through the radially projected chord points: a reparametrised great circle
+    a_ = torch.linspace(0, 1, 401, dtype=torch.float64).unsqueeze(1)
+    e = prob.energy(prob.project((1 - a_) * th[0] + a_ * th[1])).max()
+    assert float(geo.train_loss.max()) == pytest.approx(float(e), abs=2e-3)
+    assert float(prob.fn(chord[None])[0]) != pytest.approx(float(prob.energy(prob.project(chord))), abs=1e-3)
 
 
 def test_permutation_and_pair_barriers_tables(tiny):

@@ -6,6 +6,15 @@ from torch import nn
 import lossglass as lg
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Small tensors: intra-op threads only add synchronisation (costly on a loaded machine). Restored after."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _module_loss(prob, theta, x, y):
     m = prob.to_module(theta)
     out = m(x)
@@ -133,3 +142,48 @@ def test_function_problem_and_mse(teacher_ds):
     out = prob.to_module(theta)(x)
     ref = 0.5 * (out - F.one_hot(y, 3).double()).pow(2).sum(1).mean()
     assert abs(float(prob.energy(theta)) - float(ref)) < 1e-12
+
+
+def test_sphere_manifold_and_riemannian_hessian_of_the_3_spin():
+    n = 10
+    prob = lg.models.spherical_pspin(n, 3, seed=4)
+    sph = prob.manifold
+    assert isinstance(sph, lg.problem.Sphere) and sph.radius == pytest.approx(n**0.5) and sph.codim == 1
+    s = prob.init(2, 0)
+    assert torch.allclose(s.pow(2).sum(1), torch.full((2,), float(n), dtype=torch.float64))
+    assert bool(sph.contains(s).all()) and not bool(sph.contains(1.01 * s).any())
+    assert torch.allclose(prob.project(3 * s), s)
+    v = torch.randn(2, n, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    assert float((sph.tangent(s, v) * s).sum(1).abs().max()) < 1e-12
+    # dense Riemannian Hessian P (grad^2 E - (s . grad E / N) I) P against the batched operator
+    op = prob.hessian_operator(s)
+    hv = op(v)
+    for k in range(2):
+        x = s[k]
+        h = torch.autograd.functional.hessian(lambda t: prob.fn(t[None])[0], x)
+        g = torch.autograd.functional.jacobian(lambda t: prob.fn(t[None])[0], x)
+        proj = torch.eye(n, dtype=torch.float64) - torch.outer(x, x) / n
+        riem = proj @ (h - (x @ g) / n * torch.eye(n, dtype=torch.float64)) @ proj
+        assert torch.allclose(hv[k], riem @ v[k], atol=1e-12)
+    assert torch.allclose(op(s), torch.zeros_like(s), atol=1e-12)  # the normal direction maps to 0
+    # an unconstrained problem: the Euclidean Hessian
+    quad = lg.models.quadratic(torch.diag(torch.tensor([1.0, 2.0, 3.0])))
+    assert quad.manifold is None and not quad.has_projector()
+    th = torch.ones(1, 3, dtype=torch.float64)
+    assert torch.allclose(quad.hessian_operator(th)(th), torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+    with pytest.raises(lg.LossglassError, match="not on the problem's manifold"):
+        prob.hessian_operator(2 * s)
+
+
+def test_manifold_arguments_are_checked():
+    fn = lambda t: t.sum(1)  # noqa: E731
+    with pytest.raises(lg.LossglassError, match="not both"):
+        lg.Problem.from_function(fn, 3, projector=lambda t: t, manifold=lg.problem.Sphere(1.0))
+    with pytest.raises(lg.LossglassError, match="manifold must be"):
+        lg.Problem.from_function(fn, 3, manifold="sphere")
+    with pytest.raises(lg.LossglassError, match="radius must be a positive number"):
+        lg.problem.Sphere(-1.0)
+    bare = lg.Problem.from_function(fn, 3, projector=lambda t: t / t.norm(dim=-1, keepdim=True))
+    assert bare.has_projector() and bare.manifold is None
+    with pytest.raises(lg.LossglassError, match="declares no manifold"):
+        bare.hessian_operator(torch.ones(1, 3))

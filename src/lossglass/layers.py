@@ -3,9 +3,12 @@ pooling / activations (CNNs without residual connections), and their permutation
 
 Layouts: images of K replicas are one ``(N, K*C, H, W)`` tensor, so a convolution of all replicas is one
 grouped ``conv2d`` (groups = K) and BatchNorm2d over K*C channels is exactly per-replica BatchNorm; vectors
-are ``(K, N, F)``. BatchNorm uses either the statistics of the data it is given (``batch``: training, or one
-chunk) or statistics supplied per layer (``recompute``: the whole training set at the evaluated point, the
-choice of Garipov et al. 2018 and REPAIR, Jordan et al. 2023, for paths, planes and walks).
+are ``(K, N, F)``. BatchNorm uses either the statistics of the data it is given (training; with ``group=B``
+the statistics of each consecutive block of B samples, the ``batch`` mode of :class:`~lossglass.problem.Problem`)
+or statistics supplied per layer (``recompute``: the whole training set at the evaluated point, the choice of
+Garipov et al. 2018 and REPAIR, Jordan et al. 2023, for paths, planes and walks; ``fixed``: frozen ones).
+Supplied statistics enter as y = (h - mean) / sqrt(var + eps) * w + b computed elementwise, so the output is
+differentiable in ``mean`` and ``var`` too (what the exact gradient of the recompute energy needs).
 """
 
 from __future__ import annotations
@@ -81,10 +84,13 @@ def _img(h: torch.Tensor, k: int) -> torch.Tensor:
     return h.permute(1, 0, *range(2, h.ndim)).reshape(h.shape[1], k * h.shape[2], *h.shape[3:])
 
 
-def forward(problem, ops: list[Op], theta, x: torch.Tensor, *, stats: dict | None = None, stop_at: int | None = None):
+def forward(problem, ops: list[Op], theta, x: torch.Tensor, *, stats: dict | None = None, stop_at: int | None = None,
+            group: int | None = None):
     """Outputs ``(K, N, C)`` of K networks on ``x`` (``(N, D)`` shared or ``(K, N, D)``). BatchNorm op i uses
-    ``stats[i] = (mean, var)`` when given, else the statistics of ``x``. With ``stop_at=i`` returns the input of
-    op i in its layout (used to collect statistics layer by layer)."""
+    ``stats[i] = (mean, var)`` (``(K*C,)`` each, biased variance) when given, else the statistics of ``x``: of
+    all of it, or with ``group=B`` of each block of B consecutive samples (N must then be a multiple of B or at
+    most B). With ``stop_at=i`` returns the input of op i in its layout (used to collect statistics layer by
+    layer)."""
     p = problem._param
     info = problem._info
     k = p(theta, problem.params[0]).shape[0]
@@ -107,15 +113,7 @@ def forward(problem, ops: list[Op], theta, x: torch.Tensor, *, stats: dict | Non
         elif o.kind == "bn":
             w = p(theta, info[f"{o.name}.weight"])
             b = p(theta, info[f"{o.name}.bias"])
-            if layout == "img":
-                mean, var = stats[i] if stats and i in stats else (None, None)
-                h = F.batch_norm(h, mean, var, w.reshape(-1), b.reshape(-1), training=mean is None, eps=m.eps)
-            else:  # (K, N, F)
-                if stats and i in stats:
-                    mean, var = (s.view(k, 1, -1) for s in stats[i])
-                else:
-                    var, mean = torch.var_mean(h, dim=1, keepdim=True, unbiased=False)
-                h = (h - mean) / torch.sqrt(var + m.eps) * w.unsqueeze(1) + b.unsqueeze(1)
+            h = _batch_norm(h, layout, k, w, b, stats[i] if stats and i in stats else None, m.eps, group)
         elif o.kind == "ln":
             w = p(theta, info[f"{o.name}.weight"]).unsqueeze(1)
             b = p(theta, info[f"{o.name}.bias"]).unsqueeze(1)
@@ -140,6 +138,35 @@ def forward(problem, ops: list[Op], theta, x: torch.Tensor, *, stats: dict | Non
             layout = "vec"
     check(layout == "vec", "the model's output is not a (batch, classes) tensor")
     return h
+
+
+def _batch_norm(h: torch.Tensor, layout: str, k: int, w: torch.Tensor, b: torch.Tensor, stats, eps: float,
+                group: int | None) -> torch.Tensor:
+    """y = (h - mean) / sqrt(var + eps) * w + b per channel of each replica (Ioffe & Szegedy 2015), with
+    ``stats = (mean, var)`` supplied (``(K*C,)`` each), or else the biased batch statistics of ``h`` (of all its
+    samples, or of each block of ``group`` consecutive samples)."""
+    img = layout == "img"
+    if stats is not None:
+        mean, var = stats
+        shape = (1, -1, 1, 1) if img else (k, 1, -1)
+        scale = w.reshape(shape) * torch.rsqrt(var.reshape(shape) + eps)
+        return (h - mean.reshape(shape)) * scale + b.reshape(shape)
+    n = h.shape[0] if img else h.shape[1]
+    if group is not None and n > group:
+        check(n % group == 0, f"{n} samples do not split into BatchNorm batches of {group}")
+        if img:  # (N, K*C, H, W) -> (G, B, K*C, H, W)
+            hg = h.reshape(n // group, group, *h.shape[1:])
+            var, mean = torch.var_mean(hg, dim=(1, 3, 4), keepdim=True, unbiased=False)
+            out = (hg - mean) * torch.rsqrt(var + eps) * w.reshape(1, 1, -1, 1, 1) + b.reshape(1, 1, -1, 1, 1)
+            return out.reshape(h.shape)
+        hg = h.reshape(k, n // group, group, -1)  # (K, N, F) -> (K, G, B, F)
+        var, mean = torch.var_mean(hg, dim=2, keepdim=True, unbiased=False)
+        out = (hg - mean) * torch.rsqrt(var + eps) * w.reshape(k, 1, 1, -1) + b.reshape(k, 1, 1, -1)
+        return out.reshape(h.shape)
+    if img:
+        return F.batch_norm(h, None, None, w.reshape(-1), b.reshape(-1), training=True, eps=eps)
+    var, mean = torch.var_mean(h, dim=1, keepdim=True, unbiased=False)
+    return (h - mean) / torch.sqrt(var + eps) * w.unsqueeze(1) + b.unsqueeze(1)
 
 
 def channel_stats(h: torch.Tensor, layout: str, k: int) -> tuple[torch.Tensor, torch.Tensor, int]:

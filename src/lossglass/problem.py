@@ -4,6 +4,9 @@ evaluated for a batch of K replicas ``(K, P)`` in one vectorised pass, chunked o
 For an MLP (``nn.Sequential`` of ``Linear`` and element-wise activations) the pass is hand-batched
 matrix products: the first layer of all K replicas is one GEMM ``X (N, D) @ [W_1 ... W_K]^T``, the later
 layers one ``bmm``. Any other module goes through ``torch.func.functional_call`` + ``vmap``.
+
+A problem may live on a constraint manifold (``problem.manifold``, e.g. :class:`Sphere` for the spherical p-spin):
+then :meth:`Problem.project` maps onto it and :meth:`Problem.hessian_operator` is the Riemannian Hessian.
 """
 
 from __future__ import annotations
@@ -79,16 +82,98 @@ def _masked_total(loss: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return torch.where(keep, loss, torch.zeros_like(loss)).sum()
 
 
+class Sphere:
+    """The constraint |theta|^2 = radius^2 (each replica on its own sphere), e.g. sum_i s_i^2 = N for the
+    spherical p-spin (radius sqrt(N)).
+
+    Tangent space at theta: {v : theta . v = 0}, projector P_T = I - theta theta^T / |theta|^2. The Hessian that
+    matters on the sphere is the Riemannian one (Absil, Mahony & Sepulchre 2008, eq. 5.15 and sec. 5.5;
+    PHYSICS.md):
+
+        Hess E(theta) = P_T (grad^2 E(theta) - (theta . grad E(theta) / |theta|^2) I) P_T,
+
+    the second term being the Weingarten map of the sphere. Geodesics are great circles (:meth:`geodesic`).
+    """
+
+    codim = 1  # the tangent space has P - 1 dimensions
+
+    def __init__(self, radius: float):
+        check(isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0,
+              f"the sphere's radius must be a positive number, got {radius!r}")
+        self.radius = float(radius)
+
+    def __repr__(self) -> str:
+        return f"Sphere(radius={self.radius:g})"
+
+    def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """theta * radius / |theta| (row-wise): the nearest point of the sphere."""
+        return theta * (self.radius / theta.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+
+    def tangent(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """P_T v = v - (theta . v / |theta|^2) theta; theta ``(..., P)`` broadcasts against v ``(..., P)``."""
+        return v - ((v * theta).sum(-1, keepdim=True) / (theta * theta).sum(-1, keepdim=True)) * theta
+
+    def contains(self, theta: torch.Tensor, rtol: float = 1e-5) -> torch.Tensor:
+        """Per row: ||theta|^2 / radius^2 - 1| <= rtol."""
+        return ((theta * theta).sum(-1) / self.radius**2 - 1).abs() <= rtol
+
+    def weingarten(self, theta: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The coefficient theta . grad E / |theta|^2 of the curvature term, per replica ``(K,)``."""
+        return (theta * grad).sum(-1) / (theta * theta).sum(-1)
+
+    def hessian_operator(self, theta: torch.Tensor, grad: torch.Tensor,
+                         hvp: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> P_T (H (P_T v) - c P_T v), c = theta . grad / |theta|^2, from the Euclidean product ``hvp``
+        (all ``(K, P)``): the Riemannian Hessian of the class docstring. The normal direction maps to 0."""
+        c = self.weingarten(theta, grad).unsqueeze(-1)
+
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            vt = self.tangent(theta, v.to(theta.dtype))
+            return self.tangent(theta, hvp(vt) - c * vt).to(v.dtype)
+
+        return mv
+
+    def geodesic(self, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Coefficients ``(M, G, 2)`` of the great circle from a to b (``(M, P)`` each, on the sphere) at ``t``
+        ``(G,)`` in [0, 1] (slerp, Shoemake 1985): phi(t) = sin((1-t) w)/sin w a + sin(t w)/sin w b with
+        cos w = a . b / (|a| |b|), constant speed, phi(0) = a, phi(1) = b. Antipodal points (no unique geodesic)
+        are refused; coincident ones (w -> 0) take the limit ((1-t), t)."""
+        cos = ((a * b).sum(-1) / (a.norm(dim=-1) * b.norm(dim=-1))).clamp(-1, 1).double()
+        w = torch.arccos(cos)
+        check(bool((w < math.pi - 1e-6).all()), "the two end points are antipodal on the sphere: the geodesic "
+              "between them is not unique")
+        t = t.double().to(w.device)
+        wt = w.unsqueeze(1) * t  # (M, G)
+        sw = torch.sin(w).unsqueeze(1)
+        small = sw < 1e-12
+        ca = torch.where(small, 1 - t, torch.sin(w.unsqueeze(1) - wt) / sw.clamp_min(1e-300))
+        cb = torch.where(small, t.expand_as(wt), torch.sin(wt) / sw.clamp_min(1e-300))
+        return torch.stack([ca, cb], -1)
+
+
 class Problem:
     """E(theta) = (1/N) sum_n loss(f_theta(x_n), y_n) over the training set, for K replicas at once.
 
     ``theta`` is ``(P,)`` for one network or ``(K, P)`` for K replicas; every method accepts both and
     returns per-replica results. Data are processed in chunks so that peak memory stays near
     ``memory_mb`` whatever K and N.
+
+    BatchNorm (``batchnorm``): ``"recompute"`` (default) normalises with the statistics of the whole training set
+    at the evaluated point (layer by layer, see :meth:`bn_statistics`); ``"fixed"`` with statistics frozen at one
+    point (:meth:`freeze_batchnorm`); ``"batch"`` cuts the data into consecutive BatchNorm batches of ``bn_batch``
+    samples (the last one shorter), each normalised by its own statistics, whatever the number of replicas
+    evaluated together (a chunk then holds at least one BatchNorm batch, which can exceed ``memory_mb``). In every
+    mode :meth:`grad`, :meth:`energy_and_grad`, :meth:`hvp` and :meth:`hvp_operator` are the exact derivatives of
+    :meth:`energy`; for ``"recompute"`` they include the dependence of the statistics on theta.
+
+    ``manifold`` is None: the parameters are unconstrained (a constrained subclass sets it, see :class:`Sphere`).
     """
 
+    manifold: Sphere | None = None
+
     def __init__(self, model: nn.Module, dataset: Dataset, loss: str = "cross_entropy", device: str = "auto",
-                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0, batchnorm: str = "recompute"):
+                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0, batchnorm: str = "recompute",
+                 bn_batch: int = 128):
         check(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model).__name__}")
         check(isinstance(dataset, Dataset), f"dataset must be a lossglass Dataset, got {type(dataset).__name__}")
         self.loss_name = choice("loss", loss, LOSSES)
@@ -111,6 +196,8 @@ class Problem:
             "train": (dataset.x_train.to(self.device, dtype), dataset.y_train.to(self.device)),
             "test": (dataset.x_test.to(self.device, dtype), dataset.y_test.to(self.device)),
         }
+        if getattr(dataset, "y_val", None) is not None and len(dataset.y_val):
+            self.data["val"] = (dataset.x_val.to(self.device, dtype), dataset.y_val.to(self.device))
         with torch.no_grad():
             out = self.model(self.data["train"][0][:2])
         check(out.ndim == 2 and out.shape[1] == dataset.n_classes,
@@ -124,6 +211,8 @@ class Problem:
 
         self._seq = layers.build(self.model, dataset.in_dim) if self._plan is None else None
         self.batchnorm = choice("batchnorm mode", batchnorm, ("recompute", "batch", "fixed"))
+        check(isinstance(bn_batch, int) and bn_batch >= 2, f"bn_batch must be an int >= 2, got {bn_batch!r}")
+        self.bn_batch = bn_batch
         self._frozen_stats: dict | None = None
         self._bn = [i for i, o in enumerate(self._seq or []) if o.kind == "bn"]
         if self._plan is None and self._seq is None and any(
@@ -203,17 +292,23 @@ class Problem:
         return m
 
     # ------------------------------------------------------------------ the batched forward pass
-    def forward(self, theta: torch.Tensor, x: torch.Tensor, stats: dict | None = None) -> torch.Tensor:
+    def forward(self, theta: torch.Tensor, x: torch.Tensor, stats: dict | None = None, *,
+                bn_batch: int | None = None) -> torch.Tensor:
         """Outputs of K networks: ``x`` is ``(N, D)`` shared by all replicas or ``(K, N, D)`` one batch each;
         returns ``(K, N, C)``. BatchNorm layers use ``stats`` (see :meth:`bn_statistics`) when given, else the
-        statistics of ``x`` (training mode)."""
+        statistics of ``x`` (training mode), or with ``bn_batch=B`` those of each block of B samples."""
         if self._plan is not None:
             return self._forward_mlp(theta, x)
         if self._seq is not None:
             from . import layers
 
-            return layers.forward(self, self._seq, theta, x, stats=stats)
+            return layers.forward(self, self._seq, theta, x, stats=stats, group=bn_batch)
         return self._forward_vmap(theta, x)
+
+    def _chunk_forward(self, theta, x: torch.Tensor, stats: dict | None) -> torch.Tensor:
+        """The forward pass of one data chunk as :meth:`evaluate` defines it (BatchNorm batches in batch mode)."""
+        group = self.bn_batch if self._bn and self.batchnorm == "batch" else None
+        return self.forward(theta, x, stats, bn_batch=group)
 
     def freeze_batchnorm(self, theta: torch.Tensor) -> None:
         """For ``batchnorm="fixed"``: keep the BatchNorm statistics of the point ``theta`` (``(P,)``) for every
@@ -324,7 +419,19 @@ class Problem:
         return max(16, int(self.memory_mb * 2**20 // max(per_sample, 1)))
 
     def _chunks(self, split: str, k: int):
-        x, y = self.data[choice("split", split, ("train", "test"))]
+        """Consecutive data chunks for K replicas; in BatchNorm batch mode each chunk is a whole number of
+        BatchNorm batches of ``bn_batch`` samples, or the shorter last batch alone."""
+        x, y = self.data[choice("split", split, tuple(self.data))]
+        if self._bn and self.batchnorm == "batch":
+            bb = self.bn_batch
+            step = bb * max(1, self.chunk_size(k) // bb)
+            full = len(x) - len(x) % bb
+            for i in range(0, full, step):
+                j = min(i + step, full)
+                yield x[i:j], y[i:j]
+            if full < len(x):
+                yield x[full:], y[full:]
+            return
         step = self.chunk_size(k)
         for i in range(0, len(x), step):
             yield x[i:i + step], y[i:i + step]
@@ -340,7 +447,7 @@ class Problem:
         stats = self._eval_stats(theta)
         with torch.no_grad():
             for xb, yb in self._chunks(split, k):
-                out = self.forward(theta, xb, stats)
+                out = self._chunk_forward(theta, xb, stats)
                 loss_sum += self._loss(out, yb).sum(1, dtype=torch.float64)
                 correct += (out.contiguous().argmax(-1) == yb).sum(1, dtype=torch.float64)
                 n += len(yb)
@@ -352,19 +459,96 @@ class Problem:
         return self.evaluate(theta, "train")["loss"]
 
     def energy_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(E, grad E)`` over the whole training set, accumulated chunk by chunk."""
+        """``(E, grad E)`` over the whole training set, accumulated chunk by chunk: the exact derivative of
+        :meth:`energy` (for BatchNorm in recompute mode over several chunks, see :meth:`_exact_bn_grad`)."""
         theta, single = self._prepare(theta)
+        k = theta.shape[0]
+        if self._needs_stat_derivative(k):
+            e, g = self._exact_bn_grad(theta.detach(), list(self._chunks("train", k)))
+            return (e[0], g[0]) if single else (e, g)
         parts = self.split(theta, leaf=True)
         n_total = len(self.data["train"][1])
-        e = torch.zeros(theta.shape[0], device=self.device, dtype=self.dtype)
+        stats = self._chunk_stats(theta)
+        e = torch.zeros(k, device=self.device, dtype=self.dtype)
         acc = [torch.zeros_like(t) for t in parts]
-        for xb, yb in self._chunks("train", theta.shape[0]):
-            per = self._loss(self.forward(parts, xb), yb).sum(1) / n_total
+        for xb, yb in self._chunks("train", k):
+            per = self._loss(self._chunk_forward(parts, xb, stats), yb).sum(1) / n_total
             for a, gb in zip(acc, torch.autograd.grad(per.sum(), parts)):
                 a += gb
             e += per.detach()
-        g = _join(acc, theta.shape[0])
+        g = _join(acc, k)
         return (e[0], g[0]) if single else (e, g)
+
+    def _chunk_stats(self, theta: torch.Tensor) -> dict | None:
+        """Statistics passed to each chunk's forward pass by the chunk-wise derivatives: the frozen ones in fixed
+        mode; None otherwise (batch mode: each BatchNorm batch's own; recompute in one chunk: the chunk is the
+        whole training set, so its batch statistics are the training-set statistics, theta-dependence included)."""
+        return self._eval_stats(theta) if self._bn and self.batchnorm == "fixed" else None
+
+    def _needs_stat_derivative(self, k: int) -> bool:
+        """Recompute-mode BatchNorm over more than one chunk: the chunk-wise derivative would use each chunk's
+        statistics, so the exact one (:meth:`_exact_bn_grad`) is needed."""
+        return bool(self._bn) and self.batchnorm == "recompute" and self.chunk_size(k) < len(self.data["train"][1])
+
+    def _exact_bn_grad(self, theta: torch.Tensor, chunks: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """E and dE/dtheta for BatchNorm with training-set statistics, chunked, by explicit reverse
+        accumulation through the statistics. With S_j = (mean_j, var_j) the statistics of BatchNorm layer j
+        (j = 1..L, each computed with the earlier layers normalised by theirs),
+
+            dE/dtheta = dE/dtheta|_S + sum_j (dE/dS_j)_total dS_j/dtheta|_{S_<j},
+            (dE/dS_i)_total = dE/dS_i|_S + sum_{j > i} (dE/dS_j)_total dS_j/dS_i|_{S_<j, theta},
+
+        where S_j = (s1/n, s2/n - (s1/n)^2) from the sums s1 = sum h, s2 = sum h^2 of the layer's input over the
+        training set. One pass with S as explicit leaves gives the partial derivatives (torch.func.vjp per chunk);
+        a reverse sweep j = L..1 pulls (dE/dS_j)_total back through s1, s2 (one more pass over the chunks each,
+        the chunk recomputed up to layer j). No autograd graph spans two chunks, so memory stays per chunk, and the
+        procedure is a pure function of theta: :meth:`hvp` differentiates it in forward mode (torch.func.jvp).
+        Cost: L passes for the statistics, 1 forward/backward pass, and L partial ones."""
+        from torch.func import vjp
+
+        from . import layers
+
+        k = theta.shape[0]
+        seq, keys = self._seq, list(self._bn)
+        n_total = sum(len(yb) for _, yb in chunks)
+        stats: dict = {}
+        moments = []
+        for i in keys:  # the statistics, layer by layer (as bn_statistics, but without no_grad: jvp sees them)
+            s1 = s2 = 0
+            cnt = 0
+            for xb, _ in chunks:
+                h, layout = layers.forward(self, seq, theta, xb, stats=stats, stop_at=i)
+                a, b, n = layers.channel_stats(h, layout, k)
+                s1, s2, cnt = s1 + a, s2 + b, cnt + n
+            mean = s1 / cnt
+            stats[i] = (mean.to(self.dtype), (s2 / cnt - mean**2).clamp_min(0).to(self.dtype))
+            moments.append((mean, cnt))
+        st = tuple(stats[i] for i in keys)
+        e = torch.zeros(k, device=self.device, dtype=self.dtype)
+        g = torch.zeros_like(theta)
+        gs = [(torch.zeros_like(m_), torch.zeros_like(v_)) for m_, v_ in st]
+        for xb, yb in chunks:  # partial derivatives with the statistics held fixed
+            def chunk_loss(th, st_, xb=xb, yb=yb):
+                return self._loss(layers.forward(self, seq, th, xb, stats=dict(zip(keys, st_))), yb).sum(1) / n_total
+
+            val, back = vjp(chunk_loss, theta, st)
+            gth, gst = back(torch.ones_like(val))
+            e, g = e + val, g + gth
+            gs = [(a + c, b + d) for (a, b), (c, d) in zip(gs, gst)]
+        for j in reversed(range(len(keys))):  # reverse sweep through the statistics
+            mean, cnt = moments[j]
+            a_mean, a_var = gs[j][0].double(), gs[j][1].double()
+            cot = ((a_mean - 2 * mean * a_var) / cnt, a_var / cnt)  # d/ds1, d/ds2 of (mean, var) -> E
+            for xb, _ in chunks:
+                def chunk_sums(th, st_prev, xb=xb, j=j):
+                    h, layout = layers.forward(self, seq, th, xb, stats=dict(zip(keys[:j], st_prev)), stop_at=keys[j])
+                    return layers.channel_stats(h, layout, k)[:2]
+
+                _, back = vjp(chunk_sums, theta, st[:j])
+                gth, gprev = back(cot)
+                g = g + gth
+                gs[:j] = [(a + c, b + d) for (a, b), (c, d) in zip(gs[:j], gprev)]
+        return e, g
 
     def batch_loss_and_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -380,20 +564,30 @@ class Problem:
         return self.energy_and_grad(theta)[1]
 
     def hvp(self, theta: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Hessian-vector product H(theta) v = d/de grad E(theta + e v) at e = 0, by double back-propagation,
-        chunked over the training data; theta and v are ``(P,)`` or ``(K, P)``."""
+        """Hessian-vector product H(theta) v = d/de grad E(theta + e v) at e = 0, chunked over the training data;
+        theta and v are ``(P,)`` or ``(K, P)``. Double back-propagation per chunk, except for BatchNorm in
+        recompute mode over several chunks: forward-over-reverse (torch.func.jvp of :meth:`_exact_bn_grad`,
+        chunks of half the size for the tangents), so the statistics' dependence on theta is included."""
         theta, single = self._prepare(theta)
         v, _ = as_batch(v.to(self.device, self.dtype), self.n_params, "v")
         check(v.shape == theta.shape, f"v has shape {tuple(v.shape)} but theta has {tuple(theta.shape)}")
+        k = theta.shape[0]
+        if self._needs_stat_derivative(k):
+            from torch.func import jvp
+
+            chunks = list(self._chunks("train", 2 * k))
+            _, out = jvp(lambda th: self._exact_bn_grad(th, chunks)[1], (theta.detach(),), (v.detach(),))
+            return out[0] if single else out
         parts, vparts = self.split(theta, leaf=True), self.split(v)
         n_total = len(self.data["train"][1])
+        stats = self._chunk_stats(theta)
         acc = [torch.zeros_like(t) for t in parts]
-        for xb, yb in self._chunks("train", theta.shape[0]):
-            per = self._loss(self.forward(parts, xb), yb).sum() / n_total
+        for xb, yb in self._chunks("train", k):
+            per = self._loss(self._chunk_forward(parts, xb, stats), yb).sum() / n_total
             gs = torch.autograd.grad(per, parts, create_graph=True)
             for a, hv in zip(acc, torch.autograd.grad(gs, parts, grad_outputs=vparts)):
                 a += hv
-        out = _join(acc, theta.shape[0])
+        out = _join(acc, k)
         return out[0] if single else out
 
     def hvp_operator(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -402,11 +596,11 @@ class Problem:
         need); otherwise each product recomputes chunk by chunk (:meth:`hvp`), keeping memory bounded."""
         theta, _ = self._prepare(theta)
         chunks = list(self._chunks("train", theta.shape[0]))
-        if len(chunks) > 1:
+        if len(chunks) > 1 or self._needs_stat_derivative(theta.shape[0]):
             return lambda v: self.hvp(theta, v)
         parts = self.split(theta, leaf=True)
         xb, yb = chunks[0]
-        per = self._loss(self.forward(parts, xb), yb).sum() / len(yb)
+        per = self._loss(self._chunk_forward(parts, xb, self._chunk_stats(theta)), yb).sum() / len(yb)
         gs = torch.autograd.grad(per, parts, create_graph=True)
 
         def mv(v: torch.Tensor) -> torch.Tensor:
@@ -415,6 +609,36 @@ class Problem:
             return _join(hv, theta.shape[0])
 
         return mv
+
+    # ------------------------------------------------------------------ constraints
+    def has_projector(self) -> bool:
+        """Whether :meth:`project` is anything but the identity (a constraint, known or not)."""
+        return self.manifold is not None or type(self).project is not Problem.project
+
+    def constraint(self, what: str) -> Sphere | None:
+        """The manifold that ``what`` (a curvature or path routine) must respect: ``self.manifold``, or None for
+        an unconstrained problem. A problem that projects its parameters without declaring the manifold is
+        refused: its tangent space, Riemannian Hessian and geodesics are unknown."""
+        if self.manifold is None and self.has_projector():
+            raise LossglassError(
+                f"{what}: this problem projects its parameters onto a constraint (a custom projector) but declares "
+                "no manifold, so its tangent space, Riemannian Hessian and geodesics are unknown; give it one "
+                "(e.g. Problem.from_function(fn, P, manifold=lossglass.problem.Sphere(radius)) or set "
+                "problem.manifold) instead of a bare projector")
+        return self.manifold
+
+    def hessian_operator(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """v -> Hess E(theta) v for ``(K, P)`` theta: the Euclidean Hessian for an unconstrained problem, the
+        Riemannian Hessian P_T (grad^2 E - (theta . grad E / |theta|^2) I) P_T on a :class:`Sphere` (the normal
+        direction maps to 0). Refuses a problem with an undeclared constraint (:meth:`constraint`)."""
+        man = self.constraint("the Hessian")
+        theta, _ = self._prepare(theta)
+        op = self.hvp_operator(theta)
+        if man is None:
+            return op
+        check(bool(man.contains(theta, 1e-4).all()), f"theta is not on the problem's manifold {man}; project it "
+              "first (problem.project)")
+        return man.hessian_operator(theta, self.grad(theta), op)
 
     def _prepare(self, theta) -> tuple[torch.Tensor, bool]:
         theta, single = as_batch(theta, self.n_params)
@@ -444,7 +668,7 @@ class Problem:
         cc_all = torch.cat([torch.ones(m, g_total, 1, device=self.device, dtype=self.dtype), coeffs], 2)
         loss_sum = torch.zeros(m, g_total, device=self.device, dtype=torch.float64)
         correct = torch.zeros_like(loss_sum)
-        x_all, y_all = self.data[choice("split", split, ("train", "test"))] if self.dataset is not None else (None, None)
+        x_all, y_all = self.data[choice("split", split, tuple(self.data))] if self.dataset is not None else (None, None)
         per_block = max(1, block // m)
         with torch.no_grad():
             for g0 in range(0, g_total, per_block):
@@ -473,18 +697,49 @@ class Problem:
         return {k: v[0] for k, v in res.items()} if single else res
 
     def project(self, theta: torch.Tensor) -> torch.Tensor:
-        """Map parameters back onto the problem's manifold (identity here; the sphere for p-spin)."""
-        return theta
+        """Map parameters back onto the problem's manifold (``self.manifold.project``; the identity when None)."""
+        return theta if self.manifold is None else self.manifold.project(theta)
+
+    def subset(self, n: int | None) -> Problem:
+        """The same model, loss and BatchNorm settings on the first ``n`` training samples (curvature or walks on a
+        stated subset keep cost bounded); ``self`` when ``n`` is None or covers the training set. A declared
+        permutation spec and frozen BatchNorm statistics carry over."""
+        if n is None or n >= len(self.dataset.y_train):
+            return self
+        check(isinstance(n, int) and n > 0, f"n must be a positive int, got {n!r}")
+        ds = self.dataset
+        sub = Dataset(ds.name, ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test, ds.n_classes, ds.shape,
+                      {**ds.info, "subset_of_train": n})
+        for extra in ("x_val", "y_val"):
+            if hasattr(ds, extra):
+                setattr(sub, extra, getattr(ds, extra))
+        out = Problem(self.model, sub, loss=self.loss_name, device=str(self.device), dtype=self.dtype,
+                      memory_mb=self.memory_mb, batchnorm=self.batchnorm if self.batchnorm != "module" else "recompute",
+                      bn_batch=self.bn_batch)
+        if getattr(self, "spec", None) is not None:
+            out.spec = self.spec
+        out._frozen_stats = self._frozen_stats
+        return out
 
 
 class FunctionProblem(Problem):
-    """E(theta) = fn(theta) for any ``fn: (K, P) -> (K,)``; accuracy is NaN (there are no labels)."""
+    """E(theta) = fn(theta) for any ``fn: (K, P) -> (K,)``; accuracy is NaN (there are no labels).
+
+    ``manifold`` (e.g. :class:`Sphere`) constrains theta: :meth:`project` maps onto it, curvature is Riemannian and
+    paths and planes stay on it. A bare ``projector`` is still used by training and walks, but curvature and path
+    routines refuse such a problem (its geometry is unknown)."""
 
     def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor], n_params: int, *, name: str = "function",
                  device: str = "auto", dtype: torch.dtype = torch.float32,
-                 init_scale: float = 1.0, projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 init_scale: float = 1.0, projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 manifold: Sphere | None = None):
         check(callable(fn), "fn must be callable: (K, P) -> (K,)")
         check(isinstance(n_params, int) and n_params > 0, f"n_params must be a positive int, got {n_params!r}")
+        check(manifold is None or isinstance(manifold, Sphere),
+              f"manifold must be a lossglass.problem.Sphere or None, got {type(manifold).__name__}")
+        check(projector is None or manifold is None, "give a projector or a manifold, not both (the manifold "
+              "brings its own projection)")
+        self.manifold = manifold
         self.fn, self.n_params, self.name = fn, n_params, name
         self.device, self.dtype = resolve_device(device), dtype
         self.params = [ParamInfo("theta", (n_params,), 0)]
@@ -509,7 +764,13 @@ class FunctionProblem(Problem):
         return self.project(torch.stack(rows).to(self.device) * self.init_scale)
 
     def project(self, theta: torch.Tensor) -> torch.Tensor:
+        """theta mapped onto the manifold (or by the custom projector); the identity when there is neither."""
+        if self.manifold is not None:
+            return self.manifold.project(theta)
         return theta if self._projector is None else self._projector(theta)
+
+    def has_projector(self) -> bool:
+        return self.manifold is not None or self._projector is not None
 
     def evaluate(self, theta: torch.Tensor, split: str = "train") -> dict[str, torch.Tensor]:
         theta, single = self._prepare(theta)
