@@ -2,7 +2,8 @@
 
 ``mlp`` builds the paper's single-hidden-layer ReLU network (any depth with a list). The reference
 landscapes are energies with known answers, run through the same protocols as the networks:
-a quadratic bowl (convex, equipartition exact), a double well, and the spherical p-spin glass.
+a quadratic bowl (convex, equipartition exact), a double well, the spherical p-spin glass and the
+Sherrington-Kirkpatrick Ising spin glass (``sk``, sampled by parallel tempering).
 """
 
 from __future__ import annotations
@@ -85,8 +86,10 @@ def double_well(n_params: int, *, height: float = 1.0, device: str = "cpu",
 
 
 def _sphere(theta: torch.Tensor) -> torch.Tensor:
-    n = theta.shape[-1]
-    return theta * (math.sqrt(n) / theta.norm(dim=-1, keepdim=True).clamp_min(1e-30))
+    """theta rescaled onto the p-spin sphere |s|^2 = N (N = theta.shape[-1]); the problem's manifold does this."""
+    from .problem import Sphere
+
+    return Sphere(math.sqrt(theta.shape[-1])).project(theta)
 
 
 def spherical_pspin(n_spins: int, p: int = 3, seed: int = 0, *, device: str = "cpu",
@@ -95,9 +98,17 @@ def spherical_pspin(n_spins: int, p: int = 3, seed: int = 0, *, device: str = "c
 
         E(s) = H(s) / N,  H(s) = - sum_{i1<...<ip} J_{i1..ip} s_i1 ... s_ip,  J ~ N(0, p! / (2 N^(p-1))),
 
-    spins on the sphere sum_i s_i^2 = N (``project`` renormalises). For p = 2, H = -1/2 s^T M s with M the
-    symmetric coupling matrix (zero diagonal) and min E = -lambda_max(M) / 2. Supported: p = 2, 3.
+    spins on the sphere sum_i s_i^2 = N: ``problem.manifold`` is ``Sphere(sqrt(N))``, so ``project`` renormalises,
+    curvature is the Riemannian Hessian P_T (grad^2 E - (s . grad E / N) I) P_T and paths follow great circles.
+    For p = 2, H = -1/2 s^T M s with M the symmetric coupling matrix (zero diagonal) and min E = -lambda_max(M) / 2;
+    at the ground state the Riemannian Hessian of E has eigenvalues (lambda_max - lambda_i) / N. Supported: p = 2, 3.
+
+    ``energy_scale = N``: H = energy_scale * E. The Boltzmann weight is exp(-H / T_phys), so a walk or Metropolis
+    temperature T given in units of E (the energy per spin) is the physical temperature T_phys = N T;
+    :func:`lossglass.sampling.parallel_tempering` takes physical temperatures (units of H).
     """
+    from .problem import Sphere
+
     check(p in (2, 3), f"spherical_pspin supports p = 2 or 3, got {p}")
     check(isinstance(n_spins, int) and n_spins >= p, f"n_spins must be an int >= {p}, got {n_spins!r}")
     dev = resolve_device(device)
@@ -126,6 +137,67 @@ def spherical_pspin(n_spins: int, p: int = 3, seed: int = 0, *, device: str = "c
 
         couplings = j
     prob = FunctionProblem(energy, n, name=f"spherical-{p}-spin", device=str(dev), dtype=dtype,
-                           init_scale=1.0, projector=_sphere)
+                           init_scale=1.0, manifold=Sphere(math.sqrt(n)))
     prob.couplings, prob.p = couplings, p
+    prob.energy_scale = float(n)
+    return prob
+
+
+class IsingProblem(FunctionProblem):
+    """A :class:`FunctionProblem` over Ising spins s_i = +-1 (``spins = "ising"``), stored as floats.
+
+    ``init`` draws random +-1 configurations. Continuous protocols (random walks, Langevin, curvature, paths)
+    make no sense on a discrete configuration space: callers check ``problem.spins == "ising"`` and refuse;
+    sample it with :func:`lossglass.sampling.parallel_tempering` (single-spin-flip Metropolis)."""
+
+    spins = "ising"
+
+    def __init__(self, fn, n_params: int, couplings: torch.Tensor, **kwargs):
+        super().__init__(fn, n_params, **kwargs)
+        self.couplings = couplings
+
+    def __repr__(self) -> str:
+        return f"IsingProblem({self.name!r}, N={self.n_params})"
+
+    def init(self, n_replicas: int, seed: int = 0, *, ids=None) -> torch.Tensor:
+        """Replica k: s_i = sign(g_i), g ~ N(0, I) from the seed mixed from (seed, ids[k]): uniform over {-1, +1}^N."""
+        return torch.where(super().init(n_replicas, seed, ids=ids) >= 0, 1.0, -1.0).to(self.dtype)
+
+    def local_fields(self, s: torch.Tensor) -> torch.Tensor:
+        """h_i = sum_j J_ij s_j, ``(K, N)``; flipping spin i changes H by Delta H_i = 2 s_i h_i."""
+        s, _ = self._prepare(s)
+        return s @ self.couplings
+
+    def flip_energies(self, s: torch.Tensor) -> torch.Tensor:
+        """Delta H_i = 2 s_i h_i for every single-spin flip of every configuration, ``(K, N)`` (units of H)."""
+        s, _ = self._prepare(s)
+        return 2 * s * (s @ self.couplings)
+
+
+def sk(n_spins: int, seed: int = 0, *, device: str = "cpu", dtype: torch.dtype = torch.float64) -> IsingProblem:
+    """The Sherrington-Kirkpatrick spin glass (Sherrington & Kirkpatrick 1975), energy per spin:
+
+        E(s) = H(s) / N,  H(s) = - sum_{i<j} J_ij s_i s_j = -1/2 s^T J s,  J_ij = J_ji ~ N(0, 1/N),  s_i = +-1,
+
+    ``couplings`` the symmetric J with zero diagonal. ``energy_scale = N`` (H = N E); temperatures are in units
+    of H, where T_c = 1. Known values: the annealed (high-temperature) energy E[<H>]/N = -(beta/2)(N-1)/N,
+    the exact Gaussian-coupling identity E[<H>]/N = -(beta/2)(1 - E<q^2>) (q the overlap of two copies), and
+    the Parisi ground-state energy per spin -0.7633 as N -> infinity. Below T_c the overlap distribution of two
+    equilibrium copies is broad (full replica symmetry breaking). ``spins = "ising"``: only spin-flip
+    samplers apply (:func:`lossglass.sampling.parallel_tempering`); ``local_fields`` gives h = J s.
+    """
+    check(isinstance(n_spins, int) and n_spins >= 2, f"n_spins must be an int >= 2, got {n_spins!r}")
+    check(dtype in (torch.float32, torch.float64), f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    dev = resolve_device(device)
+    n = n_spins
+    g = torch.Generator().manual_seed(int(seed))
+    j = torch.triu(torch.randn(n, n, generator=g, dtype=torch.float64) / math.sqrt(n), 1)
+    j = (j + j.T).to(dev, dtype)
+
+    def energy(s: torch.Tensor) -> torch.Tensor:
+        return -0.5 * ((s @ j) * s).sum(-1) / n
+
+    prob = IsingProblem(energy, n, j, name="sk", device=str(dev), dtype=dtype)
+    prob.energy_scale = float(n)
+    prob.seed = int(seed)
     return prob
