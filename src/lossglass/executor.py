@@ -4,7 +4,9 @@ cluster (``ray``, ``pip install lossglass[ray]``).
 A task is a module-level function and its arguments; it writes its result atomically into the run folder
 and returns the path, so a task that finished is never recomputed (a restarted run finds its file) and a
 task whose worker died is simply run again (Ray retries it). The same tasks run in the same way on either
-executor, so a local and a Ray run give the same files, bit for bit on the CPU.
+executor, with the same thread count: the count this process has when the run starts (``LOSSGLASS_THREADS``
+when set), pinned before every task, also on Ray workers, which start with ``OMP_NUM_THREADS=1``, and Ray
+reserves that many CPUs for each task. A run's numerics are recorded by :func:`lossglass.numerics`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Sequence
 
+from ._determinism import configure, run_pinned
 from .errors import LossglassError, choice
 
 EXECUTORS = ("local", "ray")
@@ -21,6 +24,7 @@ class LocalExecutor:
     name = "local"
 
     def map(self, fn: Callable, tasks: Sequence[tuple]) -> list:
+        configure()
         return [fn(*t) for t in tasks]
 
 
@@ -44,8 +48,21 @@ class RayExecutor:
                 raise LossglassError(f"could not connect to a Ray cluster at {address!r}: {e}") from None
 
     def map(self, fn: Callable, tasks: Sequence[tuple]) -> list:
-        remote = self.ray.remote(max_retries=self.max_retries, retry_exceptions=True)(fn)
-        return self.ray.get([remote.remote(*t) for t in tasks])
+        threads = configure()["threads"]  # every task runs with the driver's thread count (see _determinism)
+        self._check_cpus(threads)
+        remote = self.ray.remote(max_retries=self.max_retries, retry_exceptions=True, num_cpus=threads)(run_pinned)
+        return self.ray.get([remote.remote(threads, fn, *t) for t in tasks])
+
+    def _check_cpus(self, threads: int) -> None:
+        try:
+            cpus = [n.get("Resources", {}).get("CPU", 0) for n in self.ray.nodes() if n.get("Alive", True)]
+        except Exception:  # noqa: BLE001 - an unusual cluster: let Ray schedule (or report) it
+            return
+        if cpus and threads > max(cpus):
+            raise LossglassError(
+                f"each task runs with {threads} threads (this process's count; the thread count is part of what "
+                f"fixes the bits) but no Ray node has more than {int(max(cpus))} CPUs: set LOSSGLASS_THREADS="
+                f"{int(max(cpus))} or less, and the same for any local run you compare with")
 
 
 def make_executor(name: str = "local", address: str | None = None):
