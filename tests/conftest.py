@@ -1,10 +1,15 @@
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import lossglass as lg
+
+# the user key that signs run folders (trust of configs naming code) lives in a throwaway folder during tests;
+# set before any test runs, so subprocesses inherit it
+os.environ.setdefault("XDG_CONFIG_HOME", tempfile.mkdtemp(prefix="lossglass-test-config-"))
 
 FMNIST = Path(os.environ.get("LOSSGLASS_DATA", "/usr/share/datasets/fashion-mnist"))
 HAS_FMNIST = (FMNIST / "train-images-idx3-ubyte.gz").exists() or (FMNIST / "train-images-idx3-ubyte").exists()

@@ -52,11 +52,13 @@ n_samples = 4
 slq_steps = 6
 """)
     out = tmp_path / "run"
-    # a non-Sequential model has no derivable permutation spec: the connect stage says so clearly
-    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 2
-    assert main(["run", str(cfg), "--out", str(out), "--quiet", "--stages", "train,walk,curvature,report"]) == 0
+    # a non-Sequential model has no derivable permutation spec: the connect stage is skipped with the config key to
+    # set, and every stage that needs no spec runs
+    assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     store = lg.RunStore(out, create=False)
-    assert store.has_table("walk") and store.has_table("flatness")
+    assert "model.spec" in store.stages()["connect"]["skipped"]
+    assert store.has_table("walk") and store.has_table("flatness") and not store.has_table("perm_barriers")
+    assert set(store.read_table("replica_summary")["system"]) == {"network-raw", "network-functions"}
     assert (out / "selection.json").exists()
     # with the spec declared, the permutation protocols run too
     cfg.write_text(cfg.read_text().replace('factory = "tests.byo_factories:model"',

@@ -68,7 +68,8 @@ def test_full_study_writes_every_table_and_a_report(tmp_path, capsys):
         assert store.has_table(t), t
         assert len(pd.read_parquet(store.table_path(t))) > 0, t
     summary = store.read_table("replica_summary")
-    assert {"network-aligned", "network-raw", "3-spin", "convex-control"} <= set(summary["system"])
+    assert {"network-aligned", "network-raw", "network-functions"} <= set(summary["system"])
+    assert {"3-spin", "convex-control"} <= set(store.read_table("reference_summary")["system"])
     theta = store.read_tensors("replicas")["theta"]
     assert theta.shape[0] == 6
     html = (out / "report.html").read_text()
@@ -178,16 +179,21 @@ def test_stale_task_results_are_discarded_when_options_change(tmp_path):
     out = tmp_path / "run"
     assert main(["run", str(_cfg(tmp_path)), "--out", str(out), "--quiet", "--stages", "train,walk"]) == 0
     store = lg.RunStore(out, create=False)
-    # an interrupted walk with other options left a task result behind
+    # an interrupted walk with other options left a task result behind (named after those options' fingerprint)
+    from lossglass.study import Study
+
+    cfg = load_config(_cfg(tmp_path))
+    tag = Study(cfg, out).fingerprint("walk")[:10]
     stale = pd.DataFrame({"x": [1]})
-    store.write_table("tasks/walk-0", stale)
-    store.write_tensors("tasks/walk-0", {"energy": torch.zeros(1)})
-    store.write_json("tasks/walk-0.json", {"kind": "walk", "params": {}, "test_steps": [0], "snapshot_steps": [0]})
+    store.write_table(f"tasks/walk-{tag}-0", stale)
+    store.write_tensors(f"tasks/walk-{tag}-0", {"energy": torch.zeros(1)})
+    store.write_json(f"tasks/walk-{tag}-0.json", {"kind": "walk", "params": {}, "test_steps": [0], "snapshot_steps": [0]})
     assert main(["walk", str(out), "--set", "walk.steps=4", "--quiet"]) == 0
+    assert not list(out.glob("tasks/*")), "stale task files were left behind"
     w = store.read_table("walk")
     assert w[w["kind"] == "walk"]["step"].max() == 4
     # --force with a new config starts over, without reusing any task file
-    store.write_tensors("tasks/train-0-0-6", {"theta": torch.zeros(6, 3)})
+    store.write_tensors("tasks/train-x-0-0-6", {"theta": torch.zeros(6, 3)})
     assert main(["run", str(_cfg(tmp_path, epochs=3)), "--out", str(out), "--quiet", "--stages", "train",
                  "--force"]) == 0
     assert store.read_tensors("replicas")["theta"].shape[1] > 3

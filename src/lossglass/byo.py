@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .datasets import Dataset, from_tensors
+from .datasets import Dataset, from_tensors, validate_dataset
 from .errors import LossglassError, check
 
 
@@ -44,9 +44,14 @@ def _materialise(loader, what: str) -> tuple[torch.Tensor, torch.Tensor]:
 def dataset_from_factory(spec: str) -> Dataset:
     """The factory returns a :class:`Dataset`, a tuple ``(x_train, y_train, x_test, y_test)`` of tensors, or a pair
     of iterables of ``(inputs, labels)`` batches (e.g. two ``DataLoader``s: train, test)."""
-    out = resolve(spec, "data factory")()
+    try:
+        out = resolve(spec, "data factory")()
+    except LossglassError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's code failed: say where, not a traceback from inside it
+        raise LossglassError(f"data factory {spec!r} raised {type(e).__name__}: {e}") from None
     if isinstance(out, Dataset):
-        return out
+        return validate_dataset(out, f"data factory {spec!r}")
     check(isinstance(out, (tuple, list)), f"data factory {spec!r} returned {type(out).__name__}; expected a Dataset, "
           "(x_train, y_train, x_test, y_test) or (train_loader, test_loader)")
     if len(out) == 4:
@@ -102,13 +107,18 @@ def import_checkpoints(problem, folder: str | Path) -> tuple[torch.Tensor, list[
     return torch.stack(rows), [f.name for f in files]
 
 
-def export_state(problem, theta: torch.Tensor, path: str | Path, metadata: dict | None = None) -> Path:
-    """Write one replica as a standalone safetensors ``state_dict`` loadable into the user's model."""
-    from safetensors.torch import save_file
+def export_state(problem, theta: torch.Tensor, path: str | Path, metadata: dict | None = None, *, store=None) -> Path:
+    """Write one replica as a standalone safetensors ``state_dict`` loadable into the user's model
+    (``load_state_dict(strict=True)``; BatchNorm running statistics included). With ``store``, ``path`` is relative to
+    the run folder and the write goes through it (atomic, recorded, never through a link out of the folder)."""
+    from safetensors.torch import save
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     module = problem.to_module(theta.reshape(-1))  # includes BatchNorm statistics at theta
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    save_file(sd, str(path), metadata={k: str(v) for k, v in (metadata or {}).items()})
-    return path
+    data = save(sd, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    if store is not None:
+        return store.write_bytes(path, data)
+    from .store import atomic_write_bytes
+
+    atomic_write_bytes(Path(path), data)
+    return Path(path)

@@ -1,15 +1,24 @@
 """Study configs: TOML files validated by pydantic. An unknown key, a wrong type or an out-of-range value is
-reported as one line naming the key and what is expected."""
+reported as one line naming the key (as the user typed it: ``walk.steps``) and what is expected; every option
+is checked when the config is loaded, before anything runs.
+
+The models below are the one source of truth for the config keys: ``lossglass config`` prints the reference
+(meaning, unit, default, allowed values) generated from them, and ``docs/config.md`` is that same text.
+"""
 
 from __future__ import annotations
 
 import copy
+import difflib
+import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from .errors import LossglassError, check
 
@@ -18,68 +27,98 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _f(default, description: str, **kw):
+    return Field(default, description=description, **kw)
+
+
 class DataConfig(_Section):
-    name: Literal["fashion-mnist", "mnist", "digits", "teacher", "cifar10"] = "fashion-mnist"
-    n_train: PositiveInt | None = 10000
-    n_test: PositiveInt | None = 2000
-    data_dir: str | None = None
-    factory: str | None = None  # package.module:function returning a Dataset, 4 tensors or 2 loaders
+    """The data set the replicas are trained on."""
+
+    name: Literal["fashion-mnist", "mnist", "digits", "teacher", "cifar10"] = _f(
+        "fashion-mnist", "Data set: IDX files (fashion-mnist, mnist), CIFAR-10 python batches (cifar10), scikit-learn's "
+        "digits, or a synthetic teacher-student task (teacher).")
+    n_train: PositiveInt | None = _f(10000, "Training samples (a seeded random subset; omit for all). The energy E is "
+                                     "the mean loss over these.")
+    n_test: PositiveInt | None = _f(2000, "Test samples (a seeded random subset; omit for all). Used only to grade.")
+    n_val: int = _f(0, "Validation samples carved out of the training set (seeded, recorded) for model selection; "
+                    "0 = none. The test split never chooses anything.", ge=0)
+    data_dir: str | None = _f(None, "Folder with the data files (default: $LOSSGLASS_DATA, then the Debian folder).")
+    factory: str | None = _f(None, "'package.module:function' returning a Dataset, (x_train, y_train, x_test, y_test) "
+                             "or (train_loader, test_loader); replaces name.")
 
 
 class ModelConfig(_Section):
-    arch: Literal["mlp", "cnn"] = "mlp"
-    hidden: PositiveInt | list[PositiveInt] = 64
-    channels: list[PositiveInt] = [16, 32]
-    batchnorm: bool = True
-    # BatchNorm statistics at every evaluated point: recomputed on the training set (Garipov et al.; REPAIR),
-    # those of each data chunk ("batch"), or frozen at the protocol's reference point ("fixed", eval-mode style)
-    bn_stats: Literal["recompute", "batch", "fixed"] = "recompute"
-    activation: Literal["relu", "tanh", "gelu", "sigmoid"] = "relu"
-    loss: Literal["cross_entropy", "mse"] = "cross_entropy"
-    factory: str | None = None  # package.module:function returning an nn.Module (instead of the MLP)
-    spec: str | None = None  # package.module:function returning the model's PermutationSpec (user models)
+    """The network (or the user's own module)."""
+
+    arch: Literal["mlp", "cnn"] = _f("mlp", "Architecture: the paper's MLP, or a small CNN (conv, BatchNorm, pool).")
+    hidden: PositiveInt | list[PositiveInt] = _f(64, "MLP hidden width (one hidden layer, the paper's case) or a list "
+                                                 "of widths.")
+    channels: list[PositiveInt] = _f([16, 32], "CNN channels per convolution block.")
+    batchnorm: bool = _f(True, "CNN: BatchNorm after each convolution.")
+    bn_stats: Literal["recompute", "batch", "fixed"] = _f(
+        "recompute", "BatchNorm statistics at every evaluated point: recomputed on the training set (Garipov et al.; "
+        "REPAIR), those of fixed-size data batches (batch), or frozen at the protocol's reference point (fixed, "
+        "eval-mode style).")
+    activation: Literal["relu", "tanh", "gelu", "sigmoid"] = _f("relu", "Hidden activation.")
+    loss: Literal["cross_entropy", "mse"] = _f("cross_entropy", "Loss (nats for cross-entropy); the energy E is its "
+                                               "mean over the training set.")
+    factory: str | None = _f(None, "'package.module:function' returning your nn.Module (replaces arch).")
+    spec: str | None = _f(None, "'package.module:function' returning the model's PermutationSpec (your own models).")
 
 
 class TrainGroup(_Section):
     """Overrides for one group of replicas (e.g. one batch size or one method in the flatness study)."""
 
-    replicas: PositiveInt | None = None
-    batch_size: PositiveInt | None = None
-    lr: float | None = Field(None, gt=0)
-    method: Literal["sgd", "sam", "langevin", "replicated"] | None = None
-    optimizer: Literal["sgd", "adam"] | None = None
-    epochs: PositiveInt | None = None
+    replicas: PositiveInt | None = _f(None, "Replicas in this group (default train.replicas).")
+    batch_size: PositiveInt | None = _f(None, "Mini-batch size.")
+    lr: float | None = _f(None, "Learning rate.", gt=0)
+    method: Literal["sgd", "sam", "langevin", "replicated"] | None = _f(None, "Training method.")
+    optimizer: Literal["sgd", "adam"] | None = _f(None, "Optimizer.")
+    epochs: PositiveInt | None = _f(None, "Epochs (the maximum when a stop criterion is set).")
 
 
 class TrainConfig(_Section):
-    replicas: PositiveInt = 16
-    epochs: PositiveInt = 3
-    batch_size: PositiveInt = 128
-    lr: float = Field(0.05, gt=0)
-    optimizer: Literal["sgd", "adam"] = "sgd"
-    method: Literal["sgd", "sam", "langevin", "replicated"] = "sgd"
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    rho: float = Field(0.05, gt=0)
-    temperature: float = Field(1e-5, ge=0)
-    chunk: PositiveInt = 64
-    groups: list[TrainGroup] = []
+    """Ensemble training: K replicas that differ only in their seed (initialisation and batch order)."""
+
+    replicas: PositiveInt = _f(16, "Number of replicas K.")
+    epochs: PositiveInt = _f(3, "Epochs (the maximum when stop_at_loss or stop_at_accuracy is set).")
+    batch_size: PositiveInt = _f(128, "Mini-batch size.")
+    lr: float = _f(0.05, "Learning rate.", gt=0)
+    optimizer: Literal["sgd", "adam"] = _f("sgd", "Optimizer (sgd with momentum, or adam).")
+    method: Literal["sgd", "sam", "langevin", "replicated"] = _f(
+        "sgd", "sgd; sam (Foret et al. 2021); langevin (samples exp(-E/T), SGHMC noise with momentum; sgd only); "
+        "replicated (Baldassi et al.: replicas coupled to their centre).")
+    momentum: float = _f(0.9, "Heavy-ball momentum.", ge=0, lt=1)
+    weight_decay: float = _f(0.0, "L2 weight decay (part of the energy for langevin).", ge=0)
+    lr_schedule: Literal["constant", "cosine"] = _f("constant", "Learning-rate schedule.")
+    rho: float = _f(0.05, "SAM radius (absolute).", gt=0)
+    temperature: float = _f(1e-5, "Langevin temperature T (units of the loss).", ge=0)
+    stop_at_loss: float | None = _f(None, "Stop each replica once its training loss (whole training set, checked "
+                                    "every epoch) is at or below this (Jiang et al. 2020 use 0.01).", gt=0)
+    stop_at_accuracy: float | None = _f(None, "Stop each replica once its training accuracy reaches this fraction.",
+                                        gt=0, le=1)
+    chunk: PositiveInt = _f(64, "Replicas per training task (the unit of work for the executor).")
+    groups: list[TrainGroup] = _f([], "Groups of replicas with their own settings ([[train.groups]] tables).")
 
 
 class WalkConfig(_Section):
-    enabled: bool = True
-    n_walkers: PositiveInt = 8
-    steps: PositiveInt = 200
-    step_size: float = Field(0.01, gt=0)
-    temperatures: list[float | Literal["none"]] = ["none"]
-    normalize: Literal["none", "filter", "layer"] = "none"
-    record_every: PositiveInt = 10
-    starts: PositiveInt = 1
-    deltas: list[float] = [0.01, 0.1, 0.5]
-    langevin_temperature: float = Field(0.0, ge=0)
-    langevin_lr: float = Field(0.01, gt=0)
-    langevin_steps: int = Field(0, ge=0)
+    """Protocol 1: random walks, Metropolis and Langevin from trained solutions."""
+
+    enabled: bool = _f(True, "Run this stage.")
+    n_walkers: PositiveInt = _f(8, "Walkers per starting solution.")
+    steps: PositiveInt = _f(200, "Steps per walk.")
+    step_size: float = _f(0.01, "Step size sigma (per coordinate; relative to the row norm with normalize=filter).", gt=0)
+    temperatures: list[float | Literal["none"]] = _f(["none"], "One walk per entry: 'none' = every step taken (the "
+                                                     "paper's walk), a number T = Metropolis at T (units of the loss).")
+    normalize: Literal["none", "filter", "layer"] = _f("none", "Step scale: isotropic, per filter/row, or per layer.")
+    record_every: PositiveInt = _f(10, "Steps between test-set evaluations.")
+    starts: PositiveInt = _f(1, "How many trained replicas to start walkers from.")
+    deltas: list[float] = _f([0.01, 0.1, 0.5], "Loss rises delta (nats) at which the basin radius is measured.")
+    n_data: PositiveInt | None = _f(None, "Training samples the walk's energy uses (the first n; default all). "
+                                    "Recorded in the run folder.")
+    langevin_temperature: float = _f(0.0, "Langevin walk temperature (units of the loss).", ge=0)
+    langevin_lr: float = _f(0.01, "Langevin step (learning rate).", gt=0)
+    langevin_steps: int = _f(0, "Langevin steps (0 = no Langevin walk).", ge=0)
 
     @field_validator("temperatures")
     @classmethod
@@ -89,54 +128,117 @@ class WalkConfig(_Section):
                 raise ValueError(f"temperatures must be > 0 or 'none', got {t}")
         return v
 
+    @field_validator("deltas")
+    @classmethod
+    def _deltas(cls, v):
+        if not v or any(d <= 0 for d in v):
+            raise ValueError(f"deltas must be a non-empty list of numbers > 0, got {v}")
+        return v
+
 
 class ConnectConfig(_Section):
-    enabled: bool = True
-    n_points: PositiveInt = 25
-    swaps: list[int] = [0, 1, 2, 4, 8, 16, 32, 64]
-    pairs: PositiveInt = 4
-    align: Literal["weight", "activation"] = "weight"
-    bezier_steps: int = Field(200, ge=0)
-    plane_steps: int = Field(21, ge=0)
-    plane_span: float = Field(1.0, gt=0)
-    widths: list[PositiveInt] = []
-    width_replicas: PositiveInt = 4
+    """Protocol 2: permutation-interpolation, barriers, curves and planes."""
+
+    enabled: bool = _f(True, "Run this stage.")
+    n_points: int = _f(25, "Points along every path.", ge=2)
+    swaps: list[int] = _f([0, 1, 2, 4, 8, 16, 32, 64], "Numbers k of hidden units permuted (0, or >= 2; 1 is skipped).")
+    pairs: PositiveInt = _f(4, "Pairs of independent replicas for naive/aligned barriers.")
+    align: Literal["weight", "activation"] = _f("weight", "Alignment: weight matching or activation matching.")
+    bezier_steps: int = _f(200, "Training steps of the Bezier curve's middle point (0 = no curve).", ge=0)
+    plane_steps: int = _f(21, "Grid points per side of each loss plane (0 = no planes).", ge=0)
+    plane_span: float = _f(1.0, "Half-width of the random plane (filter-normalised units).", gt=0)
+    widths: list[PositiveInt] = _f([], "Hidden widths for the barrier-vs-width experiment (trains new replicas).")
+    width_replicas: int = _f(4, "Replicas per width.", ge=2)
+
+    @field_validator("swaps")
+    @classmethod
+    def _swaps(cls, v):
+        if any(k < 0 for k in v):
+            raise ValueError(f"swaps must be >= 0, got {v}")
+        return v
+
+    @field_validator("plane_steps")
+    @classmethod
+    def _plane(cls, v):
+        if v == 1:
+            raise ValueError("plane_steps must be 0 (no plane) or >= 2")
+        return v
 
 
 class ReplicasConfig(_Section):
-    enabled: bool = True
-    kind: Literal["weights", "activations", "functions"] = "weights"
-    method: Literal["average", "complete", "single", "ward"] = "average"
-    max_triangles: PositiveInt = 200000
+    """Protocol 3: overlaps, P(q), the tree and ultrametricity."""
+
+    enabled: bool = _f(True, "Run this stage.")
+    kind: Literal["weights", "activations", "functions"] = _f("weights", "What the overlap q compares.")
+    method: Literal["average", "complete", "single", "ward"] = _f("average", "Linkage of the hierarchical clustering.")
+    max_triangles: PositiveInt = _f(200000, "Triangles tested for ultrametricity (a seeded sample beyond this).")
+    alpha: float = _f(0.01, "Significance level of the ultrametricity verdict.", gt=0, lt=1)
+    basin_temperature: float = _f(0.0, "Temperature (units of the loss) of the within-basin samples drawn around one "
+                                  "trained solution by parallel tempering; 0 = none.", ge=0)
+    basin_samples: int = _f(16, "Independent within-basin samples (chains).", ge=3)
+    basin_sweeps: PositiveInt = _f(200, "Metropolis sweeps per within-basin chain.")
+    basin_step_size: float = _f(0.002, "Proposal step of the within-basin chains.", gt=0)
 
 
 class CurvatureConfig(_Section):
-    enabled: bool = True
-    top_k: PositiveInt = 1
-    tol: float = Field(1e-3, gt=0, lt=1)
-    trace_probes: PositiveInt = 20
-    density: bool = True
-    slq_steps: PositiveInt = 40
-    rho: float = Field(0.05, gt=0)
-    n_samples: PositiveInt = 8
-    n_hvp_data: PositiveInt | None = None
-    entropy_radius: float = Field(0.3, gt=0)
-    entropy_epsilon: float = Field(0.05, gt=0)
+    """Protocol 4: curvature, flatness and generalisation."""
+
+    enabled: bool = _f(True, "Run this stage.")
+    top_k: PositiveInt = _f(1, "Hessian eigenvalues per replica (Lanczos).")
+    tol: float = _f(1e-3, "Relative accuracy of the eigenvalues.", gt=0, lt=1)
+    trace_probes: int = _f(20, "Hessian-vector products for the trace (Hutch++).", ge=3)
+    density: bool = _f(True, "Spectral density (SLQ) of the flattest and the sharpest replica.")
+    slq_steps: int = _f(40, "Lanczos steps of the spectral density.", ge=2)
+    rho: float = _f(0.05, "Sharpness radius, relative: perturbations of norm rho * |theta|.", gt=0)
+    n_samples: PositiveInt = _f(8, "Random directions for average sharpness (and chains for local entropy).")
+    n_hvp_data: PositiveInt | None = _f(None, "Training samples used for curvature (the first n; default all).")
+    entropy_radius: float = _f(0.3, "Local-entropy ball radius, relative to |theta|.", gt=0)
+    entropy_epsilon: float = _f(0.05, "Local-entropy loss tolerance epsilon (nats).", gt=0)
+
+
+class SelectConfig(_Section):
+    """Which model to ship: strategies graded on the untouched test split."""
+
+    enabled: bool = _f(True, "Run this stage (after curvature).")
+    measure: str = _f("sharpness_average", "The one flatness measure declared in advance for the 'flattest' "
+                      "strategies (lower = flatter; local_entropy: higher = flatter).")
+    n_resamples: PositiveInt = _f(2000, "Sub-pools drawn to estimate each strategy's expected test accuracy.")
+    pool: PositiveInt | None = _f(None, "Size of each random sub-pool (default: half the replicas, at least 3).")
 
 
 class ReferenceConfig(_Section):
-    enabled: bool = False
-    n_spins: PositiveInt = 200
-    p: Literal[2, 3] = 3
-    replicas: PositiveInt = 32
-    steps: PositiveInt = 2000
-    lr: float = Field(0.2, gt=0)
+    """Reference landscapes through the same replica pipeline: a true spin glass and a convex control."""
+
+    enabled: bool = _f(False, "Run this stage.")
+    n_spins: int = _f(200, "Spherical p-spin size N.", ge=3)
+    p: Literal[2, 3] = _f(3, "p of the spherical p-spin.")
+    replicas: int = _f(32, "Descent minima (threshold states) of the p-spin, and convex-control samples.", ge=3)
+    steps: PositiveInt = _f(2000, "Gradient-descent steps of the p-spin.")
+    lr: float = _f(0.2, "Descent step of the p-spin (times N).", gt=0)
+    sk_spins: int = _f(64, "Sherrington-Kirkpatrick size N (0 = no SK control).", ge=0)
+    sk_temperatures: list[float] = _f([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6],
+                                      "Parallel-tempering ladder for SK (physical units, T_c = 1).")
+    sk_replicas: int = _f(32, "Independent SK replicas (whole ladders).", ge=3)
+    sk_sweeps: PositiveInt = _f(2000, "Monte Carlo sweeps per SK replica.")
+    sk_temperature: float = _f(0.4, "The low temperature whose samples are analysed (nearest ladder rung).", gt=0)
+
+    @field_validator("sk_temperatures")
+    @classmethod
+    def _ladder(cls, v):
+        if len(v) < 2 or any(t <= 0 for t in v) or sorted(v) != v or len(set(v)) != len(v):
+            raise ValueError(f"sk_temperatures must be >= 2 increasing positive values, got {v}")
+        return v
+
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
 class StudyConfig(_Section):
-    name: str = "study"
-    seed: int = 0
-    device: str = "cpu"
+    """A study: the data, the model, training, and the protocols run on the replicas."""
+
+    name: str = _f("study", "Name of the study (letters, digits, . _ -; up to 100); the default run folder is runs/NAME.")
+    seed: int = _f(0, "Seed of everything random (replica k's streams are mixed from (seed, k)).")
+    device: str = _f("cpu", "cpu, cuda or auto.")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -144,7 +246,58 @@ class StudyConfig(_Section):
     connect: ConnectConfig = ConnectConfig()
     replicas: ReplicasConfig = ReplicasConfig()
     curvature: CurvatureConfig = CurvatureConfig()
+    select: SelectConfig = SelectConfig()
     reference: ReferenceConfig = ReferenceConfig()
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v):
+        if not _NAME.match(v):
+            raise ValueError("a name is letters, digits, '.', '_' or '-' (1 to 100, not starting with '.' or '-'), "
+                             f"not a path; got {v!r}")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v):
+        if v not in ("cpu", "auto") and not re.match(r"^cuda(:\d+)?$", v):
+            raise ValueError(f"device must be cpu, cuda, cuda:N or auto, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _cross(self):
+        if self.walk.enabled and self.walk.starts > self.train.replicas and not self.train.groups:
+            raise ValueError(f"walk.starts = {self.walk.starts} but train.replicas = {self.train.replicas}")
+        if self.train.method == "langevin" and self.train.optimizer == "adam":
+            raise ValueError("train.method = 'langevin' samples exp(-E/T) only with train.optimizer = 'sgd'")
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+def _fields_of(model: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, f in model.model_fields.items():
+        sub = _section_type(f.annotation)
+        out.append(prefix + name)
+        if sub is not None:
+            out += _fields_of(sub, prefix + name + ".")
+    return out
+
+
+def _section_type(ann) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return None
+
+
+def all_keys() -> list[str]:
+    """Every config key, dotted (``walk.steps``)."""
+    return _fields_of(StudyConfig)
+
+
+def _did_you_mean(key: str) -> str:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.6)
+    return f" (did you mean '{near[0]}'?)" if near else " (see 'lossglass config' for every key)"
 
 
 def _format_errors(e: ValidationError, source: str) -> str:
@@ -152,9 +305,11 @@ def _format_errors(e: ValidationError, source: str) -> str:
     for err in e.errors():
         key = ".".join(str(p) for p in err["loc"])
         if err["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key '{key}' (remove it or check its spelling)")
+            lines.append(f"{source}: unknown key '{key}'{_did_you_mean(key)}")
         else:
-            lines.append(f"{source}: {key}: {err['msg']} (got {err.get('input')!r})")
+            msg = err["msg"].removeprefix("Value error, ")
+            where = f"{key}: " if key else ""
+            lines.append(f"{source}: {where}{msg} (got {err.get('input')!r})" if key else f"{source}: {msg}")
     return "; ".join(lines)
 
 
@@ -188,14 +343,22 @@ def _coerce(value: str) -> Any:
         return value
 
 
+def check_override_key(key: str) -> None:
+    """Refuse a ``--set`` key that is not a config key, with the closest one."""
+    keys = set(all_keys())
+    check(key in keys, f"--set {key}: unknown key '{key}'{_did_you_mean(key)}")
+
+
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """``["walk.steps=5000", "train.lr=0.1"]`` -> nested updates (values parsed as TOML, else strings)."""
     raw = copy.deepcopy(raw)
     for item in overrides:
         check("=" in item, f"--set expects KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
+        key = key.strip()
+        check_override_key(key)
         node = raw
-        parts = key.strip().split(".")
+        parts = key.split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
             check(isinstance(node, dict), f"--set {key}: {p} is not a section")
@@ -205,15 +368,24 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path | None = None, *, preset: str | None = None,
                 overrides: list[str] | None = None) -> StudyConfig:
-    """A validated config from a TOML file or a preset name, with ``--set`` overrides applied."""
+    """A validated config from a TOML file or a preset name, with ``--set`` overrides applied. Errors caused by an
+    override name the ``--set`` key, not the file or preset."""
     check((path is None) != (preset is None), "give either a config file or --preset NAME (not both)")
     if preset is not None:
         raw, source = parse_toml(preset_text(preset), f"preset {preset}"), f"preset {preset}"
     else:
         p = Path(path)
         check(p.is_file(), f"config file {p} not found")
-        raw, source = parse_toml(p.read_text(), str(p)), str(p)
-    return validate(apply_overrides(raw, overrides or []), source)
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise LossglassError(f"config file {p} cannot be read ({e})") from None
+        raw, source = parse_toml(text, str(p)), str(p)
+    overrides = overrides or []
+    cfg = validate(raw, source)  # the file itself must be valid before overrides are blamed
+    if overrides:
+        cfg = validate(apply_overrides(raw, overrides), "--set " + " --set ".join(overrides))
+    return cfg
 
 
 def to_toml(cfg: StudyConfig) -> str:
@@ -222,9 +394,89 @@ def to_toml(cfg: StudyConfig) -> str:
     return tomli_w.dumps(_drop_none(cfg.model_dump()))
 
 
+def same_config(a: StudyConfig, b: StudyConfig) -> bool:
+    """Configs compared by value (parsed), not by text: comments and formatting do not count."""
+    return a.model_dump() == b.model_dump()
+
+
 def _drop_none(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _drop_none(v) for k, v in d.items() if v is not None}
     if isinstance(d, list):
         return [_drop_none(v) for v in d]
     return d
+
+
+# ---------------------------------------------------------------------------- the reference
+def _type_text(ann) -> str:
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is Literal:
+        return "one of " + ", ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_text(a) for a in args if a is not type(None)) + (" (optional)" if type(None) in args else "")
+    if origin is list:
+        return f"list of {_type_text(args[0])}" if args else "list"
+    if ann is PositiveInt or getattr(ann, "__metadata__", None):
+        return "int > 0"
+    return getattr(ann, "__name__", str(ann))
+
+
+def _bounds(f) -> str:
+    parts = []
+    for m in f.metadata:
+        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
+            v = getattr(m, attr, None)
+            if v is not None:
+                parts.append(f"{sym} {v}")
+    return ", ".join(parts)
+
+
+def _toml_value(v) -> str:
+    import json
+
+    return json.dumps(v)
+
+
+def _rows(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
+    """(section doc, key, type, default, meaning) for every leaf key, sections in order."""
+    model = model or StudyConfig
+    out, subs = [], []
+    for name, f in model.model_fields.items():
+        sub = _section_type(f.annotation)
+        if sub is not None:
+            subs.append((sub, prefix + name + "."))
+            continue
+        b = _bounds(f)
+        typ = _type_text(f.annotation) + (f" ({b})" if b else "")
+        default = "none" if f.default is None else _toml_value(f.default)
+        out.append(((model.__doc__ or "").strip(), prefix + name, typ, default, f.description or ""))
+    for sub, p in subs:
+        out += _rows(sub, p)
+    return out
+
+
+def reference(markdown: bool = True) -> str:
+    """The config reference generated from the models: every key with its meaning, type/allowed values, bounds and
+    default. ``docs/config.md`` is ``reference()``; a test keeps them equal. ``markdown=False``: terminal text."""
+    rows = _rows()
+    lines = ["# lossglass config reference", "",
+             "Generated from `lossglass/config.py` (`lossglass config --markdown`). Set a key in a TOML file "
+             "(`[walk]` then `steps = 500`) or on the command line (`--set walk.steps=500`).", ""]
+    current = None
+    for doc, key, typ, default, meaning in rows:
+        sec = key.rsplit(".", 1)[0] if "." in key else "top level"
+        if sec != current:
+            current = sec
+            if markdown:
+                lines += ["", f"## {sec if sec == 'top level' else '[' + sec + ']'}", "", doc, "",
+                          "| key | type / allowed | default | meaning |", "|---|---|---|---|"]
+            else:
+                lines += ["", f"[{sec}]  {doc}" if sec != "top level" else f"(top level)  {doc}"]
+        if markdown:
+            lines.append(f"| `{key}` | {typ} | `{default}` | {meaning.replace('|', '/')} |")
+        else:
+            lines.append(f"  {key} = {default}    ({typ})")
+            lines.append(f"      {meaning}")
+    text = "\n".join(lines if markdown else lines[4:]).strip() + "\n"
+    return re.sub(r"\n{3,}", "\n\n", text)

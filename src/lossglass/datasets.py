@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
 import struct
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,10 +38,32 @@ class Dataset:
     n_classes: int
     shape: tuple[int, ...] = ()  # the shape of one input before flattening, e.g. (1, 28, 28)
     info: dict = field(default_factory=dict)
+    x_val: torch.Tensor | None = None  # a validation split carved from the training data (model selection only)
+    y_val: torch.Tensor | None = None
 
     @property
     def in_dim(self) -> int:
         return int(self.x_train.shape[1])
+
+    @property
+    def n_val(self) -> int:
+        return 0 if self.y_val is None else int(len(self.y_val))
+
+    def with_validation(self, n_val: int, seed: int = 0) -> Dataset:
+        """A copy whose training set loses ``n_val`` samples (a seeded random subset) to a validation split. The
+        energy E is then the loss on the remaining training samples; the validation split chooses, the test split
+        grades (and never chooses)."""
+        check(isinstance(n_val, int) and n_val >= 0, f"n_val must be an int >= 0, got {n_val!r}")
+        if n_val == 0:
+            return self
+        n = len(self.y_train)
+        check(n_val < n, f"data.n_val = {n_val} leaves no training samples (the training set has {n})")
+        g = torch.Generator().manual_seed(int(seed) * 1000003 + 17)
+        perm = torch.randperm(n, generator=g)
+        val, tr = perm[:n_val].sort().values, perm[n_val:].sort().values
+        return Dataset(self.name, self.x_train[tr].contiguous(), self.y_train[tr], self.x_test, self.y_test,
+                       self.n_classes, self.shape, {**self.info, "n_val": n_val, "val_seed": seed},
+                       self.x_train[val].contiguous(), self.y_train[val])
 
     def __repr__(self) -> str:
         return (f"Dataset({self.name!r}, train={tuple(self.x_train.shape)}, test={tuple(self.x_test.shape)}, "
@@ -49,30 +73,77 @@ class Dataset:
 # ---------------------------------------------------------------- IDX
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
                0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
+#: Largest data file a loader will allocate (bytes); ``LOSSGLASS_MAX_FILE_GB`` overrides it.
+MAX_FILE_BYTES = 8 * 2**30
+#: Deflate cannot compress by more than about 1032:1, so a header declaring more is a lie (or a bomb).
+_MAX_GZIP_RATIO = 1100
+
+
+def _max_bytes() -> int:
+    env = os.environ.get("LOSSGLASS_MAX_FILE_GB")
+    if env:
+        try:
+            return int(float(env) * 2**30)
+        except ValueError:
+            raise LossglassError(f"LOSSGLASS_MAX_FILE_GB must be a number of GiB, got {env!r}") from None
+    return MAX_FILE_BYTES
+
+
+def _gunzip(path: Path, raw: bytes, limit: int) -> bytes:
+    """Decompress ``raw`` (a gzip stream) without ever holding more than ``limit`` bytes of output."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = d.decompress(raw, limit + 1)
+        if len(out) <= limit and not d.eof:
+            out += d.flush()
+    except zlib.error as e:
+        raise LossglassError(f"{path}: corrupt gzip data ({e})") from None
+    check(len(out) <= limit, f"{path}: decompresses to more than the {limit} bytes its IDX header declares "
+          "(trailing data, or a decompression bomb)")
+    check(d.eof, f"{path}: truncated gzip data")
+    return out
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read an IDX file (gzipped or raw): magic ``0x0000TTNN`` with type TT and NN dimensions, big-endian
-    sizes, then the data. Raises :class:`LossglassError` naming the file on any inconsistency."""
+    sizes, then the data. Raises :class:`LossglassError` naming the file on any inconsistency. The size the
+    header declares is checked against the file (and, for gzip, against the most deflate can compress) and
+    against ``LOSSGLASS_MAX_FILE_GB`` before anything is allocated, so a corrupt or hostile file cannot
+    exhaust memory."""
     path = Path(path)
     check(path.is_file(), f"{path}: file not found")
     raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
+    gz = raw[:2] == b"\x1f\x8b"
+    if gz:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)
         try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+            head = d.decompress(raw, 4 + 4 * 4)
+        except zlib.error as e:
             raise LossglassError(f"{path}: corrupt gzip data ({e})") from None
-    check(len(raw) >= 4, f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-    zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
+    else:
+        head = raw[:20]
+    check(len(head) >= 4, f"{path}: too short to be an IDX file ({len(head)} bytes)")
+    zero, dtype_code, ndim = struct.unpack(">HBB", head[:4])
     check(zero == 0 and dtype_code in _IDX_DTYPES and 1 <= ndim <= 4,
-          f"{path}: bad IDX magic number 0x{raw[:4].hex()} (expected 0x000008NN for unsigned bytes)")
-    check(len(raw) >= 4 + 4 * ndim, f"{path}: truncated IDX header")
-    dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
+          f"{path}: bad IDX magic number 0x{head[:4].hex()} (expected 0x000008NN for unsigned bytes)")
+    check(len(head) >= 4 + 4 * ndim, f"{path}: truncated IDX header")
+    dims = struct.unpack(">" + "I" * ndim, head[4:4 + 4 * ndim])
     dtype = np.dtype(_IDX_DTYPES[dtype_code])
-    n = int(np.prod(dims)) * dtype.itemsize
+    n = math.prod(int(v) for v in dims) * dtype.itemsize  # Python ints: no overflow
+    limit = _max_bytes()
+    check(n <= limit, f"{path}: header declares shape {dims} ({n} bytes), more than the limit of {limit} bytes "
+          "(raise LOSSGLASS_MAX_FILE_GB if the file is genuine)")
+    total = 4 + 4 * ndim + n
+    if gz:
+        check(total <= _MAX_GZIP_RATIO * len(raw) + 1024, f"{path}: header declares shape {dims} ({n} bytes), "
+              f"more than a {len(raw)}-byte gzip file can hold: corrupt header")
+        raw = _gunzip(path, raw, total)
     body = raw[4 + 4 * ndim:]
     check(len(body) == n, f"{path}: header says shape {dims} ({n} bytes of data) but the file holds {len(body)}")
-    return np.frombuffer(body, dtype=dtype).reshape(dims)
+    arr = np.frombuffer(body, dtype=dtype).reshape(dims)
+    if arr.dtype.kind == "f":
+        check(bool(np.isfinite(arr).all()), f"{path}: holds NaN or inf values")
+    return arr
 
 
 def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -82,6 +153,15 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     data += array.tobytes()
     path = Path(path)
     path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def _check_labels(y: np.ndarray, source: str, n_classes: int = 10) -> None:
+    """Class labels must be integers in 0..n_classes-1: a float, negative or out-of-range label is refused."""
+    check(y.dtype.kind in "ui", f"{source}: labels must be integers, got {y.dtype}")
+    if y.size:
+        lo, hi = int(y.min()), int(y.max())
+        check(lo >= 0, f"{source}: negative label {lo}; labels must be 0..{n_classes - 1}")
+        check(hi < n_classes, f"{source}: label {hi} out of range 0..{n_classes - 1}")
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -107,7 +187,7 @@ def _data_dir(name: str, data_dir: str | os.PathLike | None) -> Path:
             "mnist": "", "cifar10": ""}[name]
     tried = ", ".join(str(c) for c in candidates) or "nowhere"
     raise LossglassError(f"data set {name!r} not found (looked in {tried}); {hint}put its files in a folder "
-                         f"and pass data_dir=... or set LOSSGLASS_DATA")
+                         f"and pass --set data.data_dir=/that/folder (data_dir= in Python), or set LOSSGLASS_DATA")
 
 
 def _load_idx_set(name: str, folder: Path) -> tuple[np.ndarray, ...]:
@@ -119,7 +199,7 @@ def _load_idx_set(name: str, folder: Path) -> tuple[np.ndarray, ...]:
         check(x.ndim == 3, f"{xi}: expected a 3-D image array (N, rows, cols), got shape {x.shape}")
         check(y.ndim == 1, f"{yi}: expected a 1-D label array, got shape {y.shape}")
         check(len(x) == len(y), f"{xi} holds {len(x)} images but {yi} holds {len(y)} labels")
-        check(y.size == 0 or int(y.max()) < 10, f"{yi}: label {int(y.max())} out of range 0..9")
+        _check_labels(y, str(yi))
         out += [x, y]
     check(out[0].shape[1:] == out[2].shape[1:],
           f"{folder}: train images are {out[0].shape[1:]} but test images are {out[2].shape[1:]}")
@@ -150,10 +230,17 @@ def _cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     d = {(k.decode() if isinstance(k, bytes) else k): v for k, v in d.items()}
     check("data" in d and "labels" in d, f"{path}: missing 'data' or 'labels' (keys: {sorted(d)})")
     x = np.asarray(d["data"])
-    y = np.asarray(d["labels"], dtype=np.int64)
+    try:
+        y = np.asarray(d["labels"])
+    except (TypeError, ValueError) as e:
+        raise LossglassError(f"{path}: 'labels' is not an array of class numbers ({e})") from None
     check(x.ndim == 2 and x.shape[1] == 3072, f"{path}: 'data' must be (N, 3072), got {x.shape}")
-    check(len(x) == len(y), f"{path}: {len(x)} images but {len(y)} labels")
-    return x.astype(np.uint8), y
+    check(x.dtype.kind in "ui", f"{path}: 'data' must hold uint8 pixel values 0..255, got {x.dtype}")
+    check(x.size == 0 or (int(x.min()) >= 0 and int(x.max()) <= 255),
+          f"{path}: pixel values outside 0..255 (min {x.min()}, max {x.max()})")
+    check(y.ndim == 1 and len(x) == len(y), f"{path}: {len(x)} images but labels of shape {y.shape}")
+    _check_labels(y, str(path))
+    return x.astype(np.uint8), y.astype(np.int64)
 
 
 def _load_cifar(folder: Path) -> tuple[np.ndarray, ...]:
@@ -236,15 +323,50 @@ def load(name: str, *, n_train: int | None = None, n_test: int | None = None, se
 
 def from_tensors(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor,
                  n_classes: int | None = None, name: str = "custom") -> Dataset:
-    """Wrap user tensors as a :class:`Dataset`, checking shapes, dtypes and finiteness."""
+    """Wrap user tensors as a :class:`Dataset`, checking shapes, dtypes, finiteness and the label range."""
     xs = []
     for what, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         x, y = torch.as_tensor(x), torch.as_tensor(y)
-        check(x.ndim >= 2, f"x_{what} must have shape (N, ...), got {tuple(x.shape)}")
-        check(y.ndim == 1 and len(y) == len(x), f"y_{what} must have shape ({len(x)},), got {tuple(y.shape)}")
-        check(not torch.is_floating_point(y), f"y_{what} must hold integer class labels, got {y.dtype}")
+        check(x.ndim >= 2, f"{name}: x_{what} must have shape (N, ...), got {tuple(x.shape)}")
+        check(y.ndim == 1 and len(y) == len(x), f"{name}: y_{what} must have shape ({len(x)},), got {tuple(y.shape)}")
+        check(not torch.is_floating_point(y) and not torch.is_complex(y) and y.dtype != torch.bool,
+              f"{name}: y_{what} must hold integer class labels, got {y.dtype}")
+        check(torch.is_floating_point(x) or x.dtype in (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64),
+              f"{name}: x_{what} must be a real-valued tensor, got {x.dtype}")
         x = x.reshape(len(x), -1).float()
-        check(bool(torch.isfinite(x).all()), f"x_{what} holds NaN or inf values")
+        check(bool(torch.isfinite(x).all()), f"{name}: x_{what} holds NaN or inf values")
         xs += [x.contiguous(), y.long()]
-    k = n_classes or int(max(xs[1].max(), xs[3].max())) + 1
-    return Dataset(name, *xs, n_classes=k, shape=tuple(torch.as_tensor(x_train).shape[1:]))
+    check(len(xs[0]) > 0, f"{name}: the training set is empty")
+    check(xs[0].shape[1] == xs[2].shape[1], f"{name}: train inputs have {xs[0].shape[1]} features but test inputs "
+          f"{xs[2].shape[1]}")
+    top = int(max(xs[1].max(), xs[3].max() if len(xs[3]) else 0))
+    k = n_classes or top + 1
+    ds = Dataset(name, *xs, n_classes=k, shape=tuple(torch.as_tensor(x_train).shape[1:]))
+    return validate_dataset(ds, name)
+
+
+def validate_dataset(ds: Dataset, source: str = "dataset") -> Dataset:
+    """Check a :class:`Dataset` from anywhere (a user factory included): float inputs ``(N, D)`` with the same D in
+    both splits and no NaN/inf, int64 labels ``(N,)`` in 0..n_classes-1, at least 2 classes. Returns it."""
+    check(isinstance(ds, Dataset), f"{source}: expected a lossglass Dataset, got {type(ds).__name__}")
+    check(isinstance(ds.n_classes, int) and ds.n_classes >= 2, f"{source}: n_classes must be an int >= 2, got "
+          f"{ds.n_classes!r}")
+    for what in ("train", "test"):
+        x, y = getattr(ds, f"x_{what}"), getattr(ds, f"y_{what}")
+        check(isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor), f"{source}: x_{what}/y_{what} must be tensors")
+        check(x.ndim == 2, f"{source}: x_{what} must be flat (N, D), got shape {tuple(x.shape)}")
+        check(torch.is_floating_point(x), f"{source}: x_{what} must be floating point, got {x.dtype}")
+        check(y.ndim == 1 and len(y) == len(x), f"{source}: y_{what} must have shape ({len(x)},), got {tuple(y.shape)}")
+        check(y.dtype == torch.int64, f"{source}: y_{what} must be int64 class labels, got {y.dtype}")
+        check(bool(torch.isfinite(x).all()), f"{source}: x_{what} holds NaN or inf values")
+        if len(y):
+            lo, hi = int(y.min()), int(y.max())
+            check(lo >= 0 and hi < ds.n_classes, f"{source}: y_{what} has labels in {lo}..{hi}, outside "
+                  f"0..{ds.n_classes - 1} (n_classes = {ds.n_classes})")
+    check(len(ds.x_train) > 0, f"{source}: the training set is empty")
+    check(ds.x_train.shape[1] == ds.x_test.shape[1],
+          f"{source}: train inputs have {ds.x_train.shape[1]} features but test inputs {ds.x_test.shape[1]}")
+    if ds.shape:
+        check(math.prod(ds.shape) == ds.x_train.shape[1],
+              f"{source}: shape {tuple(ds.shape)} does not match {ds.x_train.shape[1]} features per input")
+    return ds

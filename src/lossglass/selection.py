@@ -11,7 +11,7 @@ from .errors import check
 from .store import RunStore
 
 
-def select(store: RunStore, problem=None) -> dict:
+def select(store: RunStore, problem=None, strategy: str | None = None) -> dict:
     """Write ``tables/selection.parquet``, ``selection.json`` and ``selected/replica-K.safetensors``; return the
     decision. The measure is the one with the largest positive Kendall tau with the gap (train - test
     accuracy); ``confident`` says whether its 95% interval excludes 0. Flatter (lower measure; higher local
@@ -41,9 +41,9 @@ def select(store: RunStore, problem=None) -> dict:
 
         theta = store.read_tensors("replicas")["theta"]
         row = int(np.flatnonzero(store.read_table("replicas")["replica"].to_numpy() == decision["replica"])[0])
-        path = export_state(problem, theta[row], store.path / "selected" / f"replica-{decision['replica']}.safetensors",
-                            {"measure": measure, "kendall_tau": decision["kendall_tau"]})
-        decision["exported"] = str(path.relative_to(store.path))
+        rel = f"selected/replica-{decision['replica']}.safetensors"
+        export_state(problem, theta[row], rel, {"measure": measure, "kendall_tau": decision["kendall_tau"]}, store=store)
+        decision["exported"] = rel
     store.write_json("selection.json", decision)
     return decision
 

@@ -7,6 +7,10 @@ from its last epoch checkpoint.
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import json
 import platform
 import sys
 import time
@@ -17,7 +21,7 @@ import pandas as pd
 import torch
 
 from . import __version__
-from .config import StudyConfig, load_config, to_toml
+from .config import StudyConfig, load_config, same_config, to_toml
 from .datasets import Dataset, load
 from .errors import LossglassError, check
 from .models import mlp
@@ -25,11 +29,42 @@ from .problem import Problem
 from .store import RunStore
 from .train import Replicas, train
 
-STAGES = ("train", "walk", "connect", "replicas", "curvature", "reference", "report")
+STAGES = ("train", "walk", "connect", "replicas", "curvature", "select", "reference", "report")
+#: what each stage's results depend on: config sections and earlier stages (a stage is redone, with everything that
+#: depends on it, when the fingerprint of these inputs changes)
+SECTIONS = {"train": ("seed", "device", "data", "model", "train"), "walk": ("walk",), "connect": ("connect", "train"),
+            "replicas": ("replicas",), "curvature": ("curvature",), "select": ("select",),
+            "reference": ("seed", "reference"), "report": ()}
+DEPENDS = {"train": (), "walk": ("train",), "connect": ("train",), "replicas": ("train",), "curvature": ("train",),
+           "select": ("train", "curvature"), "reference": (), "report": ()}
 
 
 def log(msg: str) -> None:
     print(f"[lossglass] {msg}", file=sys.stderr, flush=True)
+
+
+def dependents(stage: str) -> set[str]:
+    """``stage`` and every stage whose results depend on it."""
+    out = {stage}
+    changed = True
+    while changed:
+        changed = False
+        for s, deps in DEPENDS.items():
+            if s not in out and out & set(deps):
+                out.add(s)
+                changed = True
+    return out
+
+
+def dependents_inverse(stage: str) -> set[str]:
+    """``stage`` and every stage it depends on."""
+    out, todo = set(), [stage]
+    while todo:
+        s = todo.pop()
+        if s not in out:
+            out.add(s)
+            todo += list(DEPENDS.get(s, ()))
+    return out
 
 
 def build_dataset(cfg: StudyConfig) -> Dataset:
@@ -37,8 +72,10 @@ def build_dataset(cfg: StudyConfig) -> Dataset:
     if d.factory:
         from .byo import dataset_from_factory
 
-        return dataset_from_factory(d.factory)
-    return load(d.name, n_train=d.n_train, n_test=d.n_test, seed=cfg.seed, data_dir=d.data_dir)
+        ds = dataset_from_factory(d.factory)
+    else:
+        ds = load(d.name, n_train=d.n_train, n_test=d.n_test, seed=cfg.seed, data_dir=d.data_dir)
+    return ds.with_validation(d.n_val, cfg.seed)
 
 
 def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None) -> Problem:
@@ -50,28 +87,30 @@ def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None)
     elif cfg.model.arch == "cnn" and hidden is None:
         from .models import cnn
 
-        check(len(ds.shape) == 3, f"a CNN needs image data; {ds.name} has input shape {ds.shape}")
+        check(len(ds.shape) == 3, f"model.arch = 'cnn' needs image data; {ds.name} has input shape {ds.shape}")
         model = cnn(tuple(ds.shape), cfg.model.channels, ds.n_classes, batchnorm=cfg.model.batchnorm)
     else:
         model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
-    problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device, batchnorm=cfg.model.bn_stats)
+    try:
+        problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device, batchnorm=cfg.model.bn_stats)
+    except LossglassError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user model that fails on the data: say so in one line
+        raise LossglassError(f"the model does not run on {ds.name} inputs of shape {tuple(ds.x_train.shape[1:])}: "
+                             f"{type(e).__name__}: {e}") from None
     if cfg.model.spec and hidden is None:
         from .byo import resolve
         from .symmetry import PermutationSpec
 
-        spec = resolve(cfg.model.spec, "permutation spec factory")()
-        check(isinstance(spec, PermutationSpec), f"{cfg.model.spec} must return a lossglass.PermutationSpec")
+        spec = resolve(cfg.model.spec, "model.spec")()
+        check(isinstance(spec, PermutationSpec), f"model.spec = {cfg.model.spec!r} must return a lossglass.PermutationSpec")
         problem.spec = spec.validate(problem)
     return problem
 
 
 def subset_problem(problem: Problem, n: int | None) -> Problem:
-    """The same model on the first ``n`` training samples (curvature on a subset keeps cost bounded)."""
-    if n is None or n >= len(problem.dataset.y_train):
-        return problem
-    ds = problem.dataset
-    sub = Dataset(ds.name, ds.x_train[:n], ds.y_train[:n], ds.x_test, ds.y_test, ds.n_classes, ds.shape, ds.info)
-    return Problem(problem.model, sub, loss=problem.loss_name, device=str(problem.device), dtype=problem.dtype)
+    """The same model on the first ``n`` training samples (see :meth:`Problem.subset`)."""
+    return problem.subset(n)
 
 
 def load_replicas(store: RunStore) -> Replicas:
@@ -97,17 +136,83 @@ def _versions() -> dict:
             "platform": platform.platform()}
 
 
+def data_fingerprint(ds: Dataset) -> str:
+    """BLAKE2 of the data the replicas see (both splits, values, labels, shapes, class count)."""
+    h = hashlib.blake2b(digest_size=16)
+    for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        t = t.detach().cpu().contiguous()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.numpy().tobytes() if t.numel() < 2**16 else memoryview(t.numpy()).cast("B"))
+    h.update(str(ds.n_classes).encode())
+    return h.hexdigest()
+
+
+def code_fingerprint(cfg: StudyConfig) -> dict[str, str]:
+    """BLAKE2 of the source file of each user factory the config names (model.factory, data.factory, model.spec)."""
+    out = {}
+    for key, spec in (("model.factory", cfg.model.factory), ("data.factory", cfg.data.factory),
+                      ("model.spec", cfg.model.spec)):
+        if not spec:
+            continue
+        mod = importlib.import_module(spec.split(":")[0])
+        try:
+            src = Path(inspect.getsourcefile(mod) or "").read_bytes()
+        except (OSError, TypeError):
+            src = repr(getattr(mod, spec.split(":")[1], None)).encode()
+        out[key] = hashlib.blake2b(src, digest_size=16).hexdigest()
+    return out
+
+
+def _section_values(cfg: StudyConfig, names) -> dict:
+    dump = cfg.model_dump()
+    return {n: dump[n] for n in names}
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff_keys(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(prefix + k)
+    return out
+
+
 class Study:
     """Runs the stages of a config into a run folder; each ``stage_*`` method can also run alone on an
-    existing folder (the CLI's per-protocol sub-commands)."""
+    existing folder (the CLI's per-protocol sub-commands).
+
+    Before the first write, everything is resolved and checked (data, model, device, options, memory and disk),
+    so a failed start leaves the folder as it was. Each finished stage records the fingerprint of its inputs
+    (config sections, data hash, source of user factories, the stages it depends on); a stage whose inputs changed
+    is redone with everything that depends on it, and its old outputs are removed first."""
 
     def __init__(self, cfg: StudyConfig, out: str | Path, *, progress: bool = True, executor=None):
         from .executor import LocalExecutor
 
         self.cfg, self.progress = cfg, progress
-        self.store = RunStore(out)
+        self.out = Path(out)
+        self._store: RunStore | None = None
         self.executor = executor or LocalExecutor()
         self._problem: Problem | None = None
+        self._inputs: dict | None = None
+
+    @property
+    def store(self) -> RunStore:
+        if self._store is None:
+            self._store = RunStore(self.out)
+        return self._store
+
+    @property
+    def bars(self) -> bool:
+        """Progress bars: on a terminal unless quiet (elsewhere, one log line per step of work)."""
+        return bool(self.progress and sys.stderr.isatty())
+
+    def note(self, msg: str) -> None:
+        """A status line when there are no bars (not a terminal) and not quiet."""
+        if self.progress and not self.bars:
+            log(msg)
 
     @property
     def problem(self) -> Problem:
@@ -115,62 +220,171 @@ class Study:
             self._problem = build_problem(self.cfg)
         return self._problem
 
-    def prepare(self, force: bool = False) -> None:
-        text = to_toml(self.cfg)
-        old = self.store.path / "config.toml"
-        if old.exists() and old.read_text() != text and not force:
-            raise LossglassError(f"{self.store.path} holds a run with a different config; use a new --out folder, "
-                                 "or --force to start over there")
-        if old.exists() and old.read_text() != text and force:
-            for p in (self.store.path / "stages").glob("*.json"):
-                p.unlink()
-            self.discard_partial()
-        self.store.write_text("config.toml", text)
-        meta = self.store.read_json("meta.json", {}) or {}
+    # ------------------------------------------------------------------ inputs and fingerprints
+    def inputs(self) -> dict:
+        """Resolve and check everything the stages need before anything is written: memory and disk, then the data,
+        the model and the device (building the problem), and the user's code; returns their fingerprints."""
+        if self._inputs is None:
+            from .resources import check_fits
+
+            self.estimate = check_fits(self.cfg, self.out, warn=log if self.progress else None)
+            rec = self._imported_record()
+            if rec is not None:
+                self._inputs = {"data": data_fingerprint(self.problem.dataset), "code": code_fingerprint(self.cfg),
+                                "imported": rec.get("sources_fingerprint")}
+            else:
+                self._inputs = {"data": data_fingerprint(self.problem.dataset), "code": code_fingerprint(self.cfg)}
+        return self._inputs
+
+    def set_imported(self, sources_fingerprint: str) -> None:
+        """Mark this study's replicas as imported from checkpoints with the given sources (for the train fingerprint)."""
+        self.inputs()["imported"] = sources_fingerprint
+
+    def _imported_record(self) -> dict | None:
+        p = self.out / "stages" / "train.json"
+        if not p.is_file():
+            return None
+        rec = RunStore(self.out, create=False).stage_record("train") or {}
+        return rec if rec.get("imported") else None
+
+    def fingerprint(self, stage: str) -> str:
+        """BLAKE2 of everything ``stage``'s results depend on."""
+        parts = {"sections": _section_values(self.cfg, SECTIONS[stage]),
+                 "deps": {d: self.fingerprint(d) for d in DEPENDS[stage]}}
+        if stage == "train":
+            parts["inputs"] = self.inputs()
+        text = json.dumps(parts, sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    # ------------------------------------------------------------------ the folder
+    def prepare(self, force: bool = False, allow: tuple[str, ...] = ()) -> None:
+        """Check everything, then claim the folder. A folder holding another config is refused unless ``force``
+        (which deletes what lossglass wrote there, and nothing else) or unless no stage of it finished, or the
+        configs differ only in the sections in ``allow`` (a per-protocol command's own section)."""
+        self.inputs()
+        folder = self.out
+        old_cfg, finished = None, []
+        if (folder / "config.toml").is_file():
+            try:
+                old_cfg = load_config(folder / "config.toml")
+            except LossglassError:
+                old_cfg = None  # a damaged or foreign config: it differs
+            finished = [s for s in RunStore(folder, create=False).stages() if s != "report"]
+        store = self.store
+        imported = self._imported_record() is not None
+        keep_stages = {"train"} if imported else set()
+        if force:
+            n = store.remove_owned(stages=set(STAGES) - keep_stages | {"-"})
+            if n:
+                log(f"--force: removed {n} files of the earlier run in {folder}"
+                    + (" (kept the imported replicas)" if imported else ""))
+        elif (folder / "config.toml").exists() and (old_cfg is None or not same_config(old_cfg, self.cfg)):
+            changed = (_diff_keys(old_cfg.model_dump(), self.cfg.model_dump()) if old_cfg is not None
+                       else ["config.toml (unreadable)"])
+            sections = {k.split(".")[0] for k in changed}
+            # a change is refused when it alters the inputs of a finished stage (other than the sections a
+            # per-protocol command was asked to redo): the folder would no longer describe what produced it
+            used = {sec for st in finished for dep in dependents_inverse(st) for sec in SECTIONS.get(dep, ())}
+            if finished and (old_cfg is None or (sections & used) - set(allow)):
+                raise LossglassError(
+                    f"{folder} holds a run with a different config (differs in: {', '.join(changed[:6])}"
+                    f"{', ...' if len(changed) > 6 else ''}); use a new --out folder, or --force to start over there")
+            if not finished:
+                store.remove_owned()  # an unfinished start with another config: nothing worth keeping
+        store.stage = None
+        store.write_text("config.toml", to_toml(self.cfg))
+        store.mark_trusted()
+        meta = store.read_json("meta.json", {}) or {}
         meta.setdefault("started", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         meta.update({"versions": _versions(), "seed": self.cfg.seed, "device": self.cfg.device,
-                     "name": self.cfg.name, "batchnorm_statistics": self.cfg.model.bn_stats})
-        self.store.write_json("meta.json", meta)
+                     "name": self.cfg.name, "batchnorm_statistics": self.cfg.model.bn_stats,
+                     "inputs": self.inputs(), "finished": None})
+        from ._determinism import configure
 
-    def discard_partial(self, stage: str | None = None) -> None:
-        """Remove unfinished task results and checkpoints (of one stage, or all): they belong to another config."""
-        for folder, pattern in (("tasks", f"{stage}-*" if stage else "*"), ("checkpoints", f"{stage}-*" if stage else "*")):
-            for p in (self.store.path / folder).glob(pattern):
+        # one thread count per run: a resumed run keeps the count it started with (the numerics depend on it)
+        old_threads = None if force else (meta.get("numerics") or {}).get("threads")
+        meta["numerics"] = configure(threads=old_threads) if old_threads else configure()
+        store.write_json("meta.json", meta)
+
+    def invalidate(self, stage: str) -> None:
+        """Remove the results of ``stage`` and of every stage that depends on it (files and completion records)."""
+        gone = dependents(stage)
+        self.store.remove_owned(stages=gone)
+        for s in gone:
+            self.discard_partial(s)
+        for s in gone:
+            p = self.store.path / "stages" / f"{s}.json"
+            if p.exists():
                 p.unlink()
 
-    def run(self, stages=STAGES, force: bool = False) -> RunStore:
-        self.prepare(force)
+    def discard_partial(self, stage: str | None = None) -> None:
+        """Remove unfinished task results and checkpoints (of one stage, or all) that lossglass wrote."""
+        owned = self.store.owned()
+        keep = {r for r in owned if not (r.startswith("tasks/") or r.startswith("checkpoints/"))
+                or (stage is not None and not Path(r).name.startswith(f"{stage}-"))}
+        self.store.remove_owned(keep=keep)
+
+    def run(self, stages=STAGES, force: bool = False, allow: tuple[str, ...] = ()) -> RunStore:
+        self.prepare(force, allow)
+        store = self.store
         t_all = time.time()
         for name in stages:
             section = getattr(self.cfg, name, None)
             if section is not None and hasattr(section, "enabled") and not section.enabled:
                 continue
-            if name != "report" and self.store.stage_done(name):
-                log(f"{name}: done already, skipped")
+            fp = self.fingerprint(name)
+            rec = store.stage_record(name) if store.stage_done(name) else None
+            if rec is not None and rec.get("imported"):
+                check(rec.get("fingerprint") == fp, f"{store.path}: the model or data differ from those the "
+                      "checkpoints were imported with; import them again into a new folder")
+                log(f"{name}: imported replicas, kept")
                 continue
+            if rec is not None and name != "report":
+                if rec.get("fingerprint") == fp:
+                    log(f"{name}: done already, skipped")
+                    continue
+                log(f"{name}: its inputs changed since it ran (config, data or code); redoing it and what depends on it")
+                self.invalidate(name)
+            check(name != "train" or not self._imported_record(), "imported replicas are never retrained")
             log(f"{name}: running")
+            store.stage = name
             t0 = time.time()
             info = getattr(self, f"stage_{name}")() or {}
-            self.store.mark_done(name, {"seconds": time.time() - t0, **info})
-            log(f"{name}: finished in {time.time() - t0:.1f} s")
-        meta = self.store.read_json("meta.json", {})
+            store.mark_done(name, {"seconds": time.time() - t0, "fingerprint": fp, **info})
+            store.stage = None
+            if info.get("skipped"):
+                log(f"{name}: skipped: {info['skipped']}")
+            else:
+                log(f"{name}: finished in {time.time() - t0:.1f} s")
+        meta = store.read_json("meta.json", {})
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        meta["stage_seconds"] = {k: v.get("seconds") for k, v in self.store.stages().items()}
+        meta["stage_seconds"] = {k: v.get("seconds") for k, v in store.stages().items()}
         meta["last_run_seconds"] = time.time() - t_all
-        self.store.write_json("meta.json", meta)
-        return self.store
+        store.write_json("meta.json", meta)
+        return store
 
     # ------------------------------------------------------------------ stages
+    def _map(self, fn, tasks: list[tuple], what: str) -> list:
+        """Run tasks on the executor; without bars, one status line per finished task (local executor)."""
+        if self.executor.name != "local" or len(tasks) <= 1 or self.bars or not self.progress:
+            return self.executor.map(fn, tasks)
+        out = []
+        for i, t in enumerate(tasks):
+            out.append(fn(*t))
+            self.note(f"{what}: task {i + 1}/{len(tasks)} done")
+        return out
+
     def train_tasks(self) -> list[tuple]:
         """Independent training tasks: each group of replicas in chunks of ``train.chunk`` replica ids."""
         c = self.cfg.train
         cfg_json = self.cfg.model_dump_json()
+        tag = self.fingerprint("train")[:10]
         tasks, offset = [], 0
         for gi, grp in enumerate(c.groups or [None]):
             g = grp.model_dump(exclude_none=True) if grp is not None else {}
             k = g.get("replicas", c.replicas)
             for a in range(offset, offset + k, c.chunk):
-                tasks.append((cfg_json, str(self.store.path), gi, a, min(a + c.chunk, offset + k)))
+                tasks.append((cfg_json, str(self.store.path), gi, a, min(a + c.chunk, offset + k), self.bars, tag))
             offset += k
         return tasks
 
@@ -178,7 +392,7 @@ class Study:
         tasks = self.train_tasks()
         if len(tasks) > 1:
             log(f"train: {len(tasks)} tasks on the {self.executor.name} executor")
-        paths = self.executor.map(train_task, tasks)
+        paths = self._map(train_task, tasks, "train")
         thetas, tables = [], []
         for p in paths:
             t = self.store.read_tensors(p)
@@ -186,11 +400,10 @@ class Study:
             tables.append(self.store.read_table(p))
         theta = torch.cat(thetas)
         table = pd.concat(tables, ignore_index=True)
+        table["source"] = "trained"
         self.store.write_tensors("replicas", {"theta": theta}, {"n_params": self.problem.n_params})
         self.store.write_table("replicas", table)
-        for p in paths:
-            self.store.tensor_path(p).unlink(missing_ok=True)
-            self.store.table_path(p).unlink(missing_ok=True)
+        self.discard_partial("train")
         log(f"train: {len(table)} replicas, median test accuracy {table['test_accuracy'].median():.4f}, "
             f"{int(table['diverged'].sum())} diverged")
         return {"replicas": len(table), "tasks": len(tasks), "executor": self.executor.name}
@@ -198,27 +411,39 @@ class Study:
     def _alive(self) -> Replicas:
         return alive_replicas(self.store, self.problem)
 
+    def _spec_missing(self) -> str | None:
+        """Why the permutation protocols cannot run on this model (None when they can)."""
+        from .symmetry import spec_of
+
+        try:
+            spec_of(self.problem)
+        except LossglassError:
+            return ("the model's permutation symmetry is unknown: set model.spec = 'package.module:function' in the "
+                    "config (a function returning a lossglass.PermutationSpec)")
+        return None
+
     def stage_walk(self) -> dict:
         from .protocols import walk as W
 
         c = self.cfg.walk
         self._alive()
         n_runs = len(c.temperatures) + (1 if c.langevin_steps > 0 else 0)
-        tasks = [(self.cfg.model_dump_json(), str(self.store.path), i) for i in range(n_runs)]
-        names = self.executor.map(walk_task, tasks)
+        tag = self.fingerprint("walk")[:10]
+        tasks = [(self.cfg.model_dump_json(), str(self.store.path), i, self.bars, tag) for i in range(n_runs)]
+        names = self._map(walk_task, tasks, "walk")
         results = [_load_walk(self.store, n) for n in names]
-        for n in names:
-            self.store.tensor_path(n).unlink(missing_ok=True)
-            (self.store.path / f"{n}.json").unlink(missing_ok=True)
         traces, summaries, msds, agings, evd, radii = [], [], [], [], [], []
+        n_data = min(c.n_data or len(self.problem.dataset.y_train), len(self.problem.dataset.y_train))
         for i, r in enumerate(results):
-            label = f"{r.kind} T={r.params.get('temperature')}"
+            t_ = r.params.get("temperature")
+            label = (f"{r.kind} T={t_:g}" if isinstance(t_, (int, float)) else "walk (every step taken)"
+                     if r.kind == "walk" else r.kind)
             tab = r.table()
             tab["run"] = i
             tab["label"] = label
             traces.append(tab)
             s = W.summarize(r, c.deltas)
-            s.update(run=i, label=label)
+            s.update(run=i, label=label, n_data=n_data)
             summaries.append(s)
             t_, m_, _ = W.msd(r)
             msds.append(pd.DataFrame({"run": i, "label": label, "t": t_, "msd": m_}))
@@ -235,7 +460,8 @@ class Study:
                             ("walk_energy_distance", evd), ("walk_radius", radii)):
             self.store.write_table(name, pd.concat(parts, ignore_index=True))
         self.store.write_table("walk_summary", pd.DataFrame(summaries))
-        return {"runs": len(results)}
+        self.discard_partial("walk")
+        return {"runs": len(results), "n_data": n_data}
 
     def connect_tasks(self) -> list[tuple]:
         """Independent pieces of the connect stage: permutation-interpolation, each pair, the Bezier curve, each
@@ -249,13 +475,17 @@ class Study:
         parts += [("plane_random", 0)] if c.plane_steps >= 2 else []
         parts += [("width", w) for w in c.widths]
         cfg_json = self.cfg.model_dump_json()
-        return [(cfg_json, str(self.store.path), part, arg) for part, arg in parts]
+        tag = self.fingerprint("connect")[:10]
+        return [(cfg_json, str(self.store.path), part, arg, self.bars, tag) for part, arg in parts]
 
     def stage_connect(self) -> dict:
+        why = self._spec_missing()
+        if why:
+            return {"skipped": why}
         tasks = self.connect_tasks()
-        names = self.executor.map(connect_task, tasks)
+        names = self._map(connect_task, tasks, "connect")
         got: dict[str, list[pd.DataFrame]] = {}
-        for (_, _, part, _), name in zip(tasks, names):
+        for (_, _, part, *_), name in zip(tasks, names):
             for suffix in ("", "-paths"):
                 if self.store.has_table(name + suffix):
                     got.setdefault(part + suffix, []).append(self.store.read_table(name + suffix))
@@ -267,13 +497,12 @@ class Study:
         paths = got.get("pair-paths", []) + got.get("bezier", [])
         if paths:
             self.store.write_table("paths", pd.concat(paths, ignore_index=True))
-        pts = [n for (_, _, part, _), n in zip(tasks, names) if part == "plane_through"]
+        pts = [n for (_, _, part, *_), n in zip(tasks, names) if part == "plane_through"]
         if pts:
-            self.store.write_json("plane_through_points.json", self.store.read_json(f"{pts[0]}.json"))
-        for n in names:
-            for suffix in ("", "-paths"):
-                self.store.table_path(n + suffix).unlink(missing_ok=True)
-            (self.store.path / f"{n}.json").unlink(missing_ok=True)
+            p = self.store.read_json(f"{pts[0]}.json")
+            self.store.write_table("plane_through_points", pd.DataFrame(
+                {"label": list(p), "x": [v[0] for v in p.values()], "y": [v[1] for v in p.values()]}))
+        self.discard_partial("connect")
         if "width" in got:
             for w, g in pd.concat(got["width"]).groupby("width"):
                 log(f"width {w}: aligned barrier {g['barrier_aligned'].mean():.4f}, naive {g['barrier_naive'].mean():.4f}")
@@ -286,18 +515,23 @@ class Study:
         rep = self._alive()
         check(len(rep) >= 3, f"the replicas stage needs at least 3 replicas, got {len(rep)}")
         summary, pq_rows = [], []
-        for label, al in (("aligned", True), ("raw", False)):
+        why = self._spec_missing()
+        kinds = [("raw", False)] if why else [("aligned", True), ("raw", False)]
+        for label, al in kinds:
             q = R.overlaps(self.problem, rep, align=al, kind=c.kind).numpy()
             self._replica_analysis(f"network-{label}", q, summary, pq_rows)
         if c.kind != "functions":
             q = R.overlaps(self.problem, rep, kind="functions").numpy()
             self._replica_analysis("network-functions", q, summary, pq_rows)
-        self.store.write_table("replica_layers",
-                               R.layer_overlaps(self.problem, R.aligned_replicas(self.problem, rep.theta)))
-        self._write_replica_tables(summary, pq_rows)
-        return {}
+        if not why:
+            self.store.write_table("replica_layers",
+                                   R.layer_overlaps(self.problem, R.aligned_replicas(self.problem, rep.theta)))
+        self.store.write_table("replica_summary", pd.DataFrame(summary))
+        self.store.write_table("pq", pd.concat(pq_rows, ignore_index=True))
+        return {"note": why} if why else {}
 
-    def _replica_analysis(self, label: str, q: np.ndarray, summary: list, pq_rows: list) -> None:
+    def _replica_analysis(self, label: str, q: np.ndarray, summary: list, pq_rows: list, *,
+                          symmetric: bool = False) -> None:
         from .protocols import replicas as R
 
         c = self.cfg.replicas
@@ -309,34 +543,26 @@ class Study:
         ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
         self.store.write_table(f"overlaps_{label}", pd.DataFrame({"a": ii.ravel(), "b": jj.ravel(), "q": q.ravel()}))
         self.store.write_table(f"linkage_{label}", pd.DataFrame(h.linkage, columns=["left", "right", "height", "size"]))
-        self.store.write_json(f"order_{label}.json", h.order)
+        self.store.write_table(f"order_{label}", pd.DataFrame({"leaf": h.order}))
         tri = pd.DataFrame(u.sides[:5000], columns=["d_min", "d_mid", "d_max"])
         self.store.write_table(f"triangles_{label}", tri)
         pq_rows.append(pd.DataFrame({"label": label, "q": pq.q}))
         summary.append({"system": label, "replicas": k, **pq.moments, "cophenetic": h.cophenetic, **u.summary})
 
-    def _write_replica_tables(self, summary, pq_rows) -> None:
-        name = "replica_summary"
-        old = self.store.read_table(name) if self.store.has_table(name) else pd.DataFrame()
-        new = pd.DataFrame(summary)
-        if len(old):
-            old = old[~old["system"].isin(new["system"])]
-        self.store.write_table(name, pd.concat([old, new], ignore_index=True))
-        oldq = self.store.read_table("pq") if self.store.has_table("pq") else pd.DataFrame()
-        newq = pd.concat(pq_rows, ignore_index=True)
-        if len(oldq):
-            oldq = oldq[~oldq["label"].isin(newq["label"])]
-        self.store.write_table("pq", pd.concat([oldq, newq], ignore_index=True))
-
     def stage_curvature(self) -> dict:
+        from tqdm.auto import tqdm
+
         from .protocols import curvature as K
 
         c = self.cfg.curvature
         rep = self._alive()
         prob = subset_problem(self.problem, c.n_hvp_data)
+        steps = tqdm(total=3 if c.density else 2, desc="curvature", disable=not self.bars, leave=False)
+        self.note(f"curvature: flatness measures of {len(rep)} replicas on {len(prob.dataset.y_train)} samples")
         df = K.flatness_table(prob, rep, rho=c.rho, top_k=c.top_k, tol=c.tol, trace_probes=c.trace_probes,
                               n_samples=c.n_samples, entropy_radius=c.entropy_radius,
                               entropy_epsilon=c.entropy_epsilon, seed=self.cfg.seed)
+        steps.update(1)
         self.store.write_table("flatness", df)
         taus = pd.concat([K.rank_correlations(df, target=t, seed=self.cfg.seed) for t in ("gap_error", "gap_loss",
                                                                                             "test_error")])
@@ -345,17 +571,29 @@ class Study:
         pv = [K.rank_correlations(df, measures=[m], target=t, seed=self.cfg.seed)
               for m, t in (("proxy_lambda_batch", "lambda_max"), ("proxy_perturbation", "sharpness_average"))]
         self.store.write_table("proxy_validation", pd.concat(pv, ignore_index=True))
+        steps.update(1)
         if c.density:
+            self.note("curvature: spectral densities")
             rows = []
             for label, idx in (("flattest", int(df["lambda_max"].idxmin())), ("sharpest", int(df["lambda_max"].idxmax()))):
                 sd = K.spectral_density(prob, rep.theta[idx], steps=c.slq_steps, seed=self.cfg.seed)
                 rows.append(pd.DataFrame({"label": label, "replica": idx, "eigenvalue": sd.grid, "density": sd.density}))
             self.store.write_table("spectral_density", pd.concat(rows, ignore_index=True))
-        if len(df) >= 3:
-            from .selection import select
+            steps.update(1)
+        steps.close()
+        return {"n_data": len(prob.dataset.y_train)}
 
-            select(self.store, self.problem)
-        return {}
+    def stage_select(self) -> dict:
+        """Which model to ship; never fails the study: when it cannot choose, it says why and is skipped."""
+        from .selection import select
+
+        if not self.store.has_table("flatness"):
+            return {"skipped": "no curvature results (enable the curvature stage)"}
+        try:
+            d = select(self.store, self.problem)
+        except LossglassError as e:
+            return {"skipped": str(e)}
+        return {"replica": d.get("replica")}
 
     def stage_reference(self) -> dict:
         """The spherical p-spin glass and a convex control through the same replica pipeline."""
@@ -367,7 +605,7 @@ class Study:
         ps = spherical_pspin(c.n_spins, c.p, seed=self.cfg.seed)
         s0 = ps.init(c.replicas, self.cfg.seed)
         # the gradient of the energy per spin is O(1/N) per component: the step is lr * N * grad(H/N)
-        s = descend(ps, s0, steps=c.steps, lr=c.lr * c.n_spins, progress=self.progress)
+        s = descend(ps, s0, steps=c.steps, lr=c.lr * c.n_spins, progress=self.bars)
         e = ps.energy(s)
         q = ((s @ s.T) / c.n_spins).double().numpy()
         summary, pq_rows = [], []
@@ -387,42 +625,48 @@ class Study:
         qc = _cosine_np(x.numpy())
         self._replica_analysis("convex-control", qc, summary, pq_rows)
         summary[-1]["energy_mean"] = float(quad.energy(samp.theta).mean())
-        self._write_replica_tables(summary, pq_rows)
+        self.store.write_table("reference_summary", pd.DataFrame(summary))
+        self.store.write_table("reference_pq", pd.concat(pq_rows, ignore_index=True))
         self.store.write_table("reference_energies", pd.DataFrame({"replica": np.arange(len(e)), "energy": e.numpy()}))
         return {"pspin_energy_mean": float(e.mean())}
 
     def stage_report(self) -> dict:
         from .report import build_report
 
+        meta = self.store.read_json("meta.json", {})
+        meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        meta["stage_seconds"] = {k: v.get("seconds") for k, v in self.store.stages().items()}
+        self.store.write_json("meta.json", meta)
         build_report(self.store)
         return {}
 
 
 _WALK_ARRAYS = ("energy", "accuracy", "distance", "accepted", "test_loss", "test_accuracy", "snapshots", "alive",
-                "start_index", "theta")
+                "start_index", "theta", "nonfinite")
 
 
-def walk_task(cfg_json: str, out: str, index: int) -> str:
+def walk_task(cfg_json: str, out: str, index: int, progress: bool = False, tag: str = "") -> str:
     """Run the ``index``-th walk of the study (one per temperature, then Langevin) and save it (a task)."""
     from .config import StudyConfig
     from .protocols import walk as W
 
     cfg = StudyConfig.model_validate_json(cfg_json)
-    store = RunStore(out)
-    name = f"tasks/walk-{index}"
+    store = RunStore(out, stage="walk")
+    name = f"tasks/walk-{tag}-{index}"
     if store.has_tensors(name) and (store.path / f"{name}.json").exists():
         return name
     c = cfg.walk
-    problem = build_problem(cfg)
-    starts = alive_replicas(store, problem).theta[: c.starts]
+    full = build_problem(cfg)
+    starts = alive_replicas(store, full).theta[: c.starts]
+    problem = subset_problem(full, c.n_data)
     if index < len(c.temperatures):
         t = c.temperatures[index]
         r = W.random_walk(problem, starts, n_walkers=c.n_walkers, steps=c.steps, step_size=c.step_size,
                           temperature=None if t == "none" else float(t), normalize=c.normalize,
-                          record_every=c.record_every, seed=cfg.seed, progress=False)
+                          record_every=c.record_every, seed=cfg.seed, progress=progress)
     else:
         r = W.langevin(problem, starts, temperature=c.langevin_temperature, lr=c.langevin_lr, steps=c.langevin_steps,
-                       n_walkers=c.n_walkers, record_every=c.record_every, seed=cfg.seed, progress=False)
+                       n_walkers=c.n_walkers, record_every=c.record_every, seed=cfg.seed, progress=progress)
     store.write_tensors(name, {k: getattr(r, k).contiguous() for k in _WALK_ARRAYS})
     store.write_json(f"{name}.json", {"kind": r.kind, "params": r.params, "test_steps": r.test_steps,
                                       "snapshot_steps": r.snapshot_steps})
@@ -436,18 +680,18 @@ def _load_walk(store: RunStore, name: str):
     meta = store.read_json(f"{name}.json")
     return WalkResult(meta["kind"], t["energy"], t["accuracy"], t["distance"], t["accepted"], meta["test_steps"],
                       t["test_loss"], t["test_accuracy"], meta["snapshot_steps"], t["snapshots"], t["alive"],
-                      t["start_index"], t["theta"], meta["params"])
+                      t["start_index"], t["theta"], meta["params"], nonfinite=t.get("nonfinite"))
 
 
-def connect_task(cfg_json: str, out: str, part: str, arg: int) -> str:
+def connect_task(cfg_json: str, out: str, part: str, arg: int, progress: bool = False, tag: str = "") -> str:
     """One independent piece of the connect stage (a task); writes its table(s) and returns their name."""
     from .config import StudyConfig
     from .protocols import connect as C
     from .symmetry import align
 
     cfg = StudyConfig.model_validate_json(cfg_json)
-    store = RunStore(out)
-    name = f"tasks/connect-{part}-{arg}"
+    store = RunStore(out, stage="connect")
+    name = f"tasks/connect-{tag}-{part}-{arg}"
     if store.has_table(name):
         return name
     c = cfg.connect
@@ -469,7 +713,7 @@ def connect_task(cfg_json: str, out: str, part: str, arg: int) -> str:
         df = pair
     elif part == "bezier":
         df = C.bezier_path(prob, theta[0], theta[1], steps=c.bezier_steps, n_points=c.n_points, seed=cfg.seed,
-                           progress=False).table()
+                           progress=progress).table()
         df["pair"], df["kind"] = 0, "bezier"
     elif part == "plane_through":
         b_al, _ = align(prob, theta[0], theta[1], method=c.align)
@@ -482,7 +726,7 @@ def connect_task(cfg_json: str, out: str, part: str, arg: int) -> str:
         t = cfg.train
         wprob = build_problem(cfg, prob.dataset, hidden=arg)
         wr = train(wprob, c.width_replicas, epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, optimizer=t.optimizer,
-                   momentum=t.momentum, seed=cfg.seed + 1000 + arg, progress=False)
+                   momentum=t.momentum, seed=cfg.seed + 1000 + arg, progress=progress)
         ok = wr[torch.nonzero(wr.alive).flatten()]
         rows = []
         if len(ok) >= 2:
@@ -494,34 +738,37 @@ def connect_task(cfg_json: str, out: str, part: str, arg: int) -> str:
     return name
 
 
-def train_task(cfg_json: str, out: str, group: int, first: int, last: int) -> str:
+def train_task(cfg_json: str, out: str, group: int, first: int, last: int, progress: bool = False,
+               tag: str = "") -> str:
     """Train replicas ``first..last-1`` of training group ``group`` and write them to the run folder (a task:
     runs in this process or on a Ray worker). Returns the result's name; an existing result is reused."""
     from .config import StudyConfig
     from .executor import maybe_fail_once
 
     cfg = StudyConfig.model_validate_json(cfg_json)
-    store = RunStore(out)
-    name = f"tasks/train-{group}-{first}-{last}"
+    store = RunStore(out, stage="train")
+    name = f"tasks/train-{tag}-{group}-{first}-{last}"
     if store.has_tensors(name) and store.has_table(name):
         return name
     c = cfg.train
     grp = c.groups[group].model_dump(exclude_none=True) if c.groups else {}
     problem = build_problem(cfg)
-    ckdir = store.path / "checkpoints"
-    ckdir.mkdir(exist_ok=True)
-    ckpt = ckdir / f"train-{group}-{first}-{last}.safetensors"
+    ckpt_rel = f"checkpoints/train-{tag}-{group}-{first}-{last}.safetensors"
+    store.claim(ckpt_rel)
+    store.claim(ckpt_rel + ".prev")
+    ckpt = store.resolve(ckpt_rel)
+    ckpt.parent.mkdir(exist_ok=True)
     maybe_fail_once(f"train-{group}-{first}")
+    extra = {k: getattr(c, k) for k in ("stop_at_loss", "stop_at_accuracy") if getattr(c, k) is not None}
     rep = train(problem, last - first, epochs=grp.get("epochs", c.epochs), batch_size=grp.get("batch_size", c.batch_size),
                 lr=grp.get("lr", c.lr), optimizer=grp.get("optimizer", c.optimizer), method=grp.get("method", c.method),
                 momentum=c.momentum, weight_decay=c.weight_decay, seed=cfg.seed, replica_ids=range(first, last),
                 rho=c.rho, temperature=c.temperature, lr_schedule=c.lr_schedule, checkpoint=ckpt,
-                progress=False)
+                progress=progress, **extra)
     rep.table["group"] = group
     rep.table["device"] = str(problem.device)
     store.write_tensors(name, {"theta": rep.theta.cpu()})
     store.write_table(name, rep.table)
-    ckpt.unlink(missing_ok=True)
     return name
 
 

@@ -15,6 +15,7 @@ import json
 import time
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -40,7 +41,6 @@ EXPECTED = {
 class _Report:
     def __init__(self, store: RunStore):
         self.store = store
-        self.figdir = store.figure_dir()
         self.parts: list[str] = []
         self.summary: list[tuple[str, str, str]] = []
         self.missing: list[str] = []
@@ -56,12 +56,14 @@ class _Report:
             return None
 
     def figure(self, name: str, fig, caption: str) -> None:
-        png = io.BytesIO()
+        png, svg = io.BytesIO(), io.BytesIO()
         fig.savefig(png, format="png", bbox_inches="tight", metadata={"Software": None})
-        fig.savefig(self.figdir / f"{name}.svg", format="svg", bbox_inches="tight", metadata={"Date": None})
+        fig.savefig(svg, format="svg", bbox_inches="tight", metadata={"Date": None})
         plt.close(fig)
         data = png.getvalue()
-        (self.figdir / f"{name}.png").write_bytes(data)
+        # through the store: atomic (no half-written figure on a full disk), never through a link out of the folder
+        self.store.write_bytes(f"figures/{name}.svg", svg.getvalue())
+        self.store.write_bytes(f"figures/{name}.png", data)
         b64 = base64.b64encode(data).decode()
         self.parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{b64}">'
                           f"<figcaption>{caption}</figcaption></figure>")
@@ -112,8 +114,17 @@ def _train(r: _Report) -> None:
     ax.set_xlabel("replica")
     ax.set_ylabel("accuracy (%)")
     ax.legend(frameon=False)
-    r.figure("replicas_accuracy", fig, "Train and test accuracy of every replica. Replicas differ only in their "
-             "random seed (initialisation and mini-batch order); the spread is the seed-to-seed variability.")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    if "source" in t and (t["source"] != "trained").any():
+        origin = ("Replicas imported from checkpoints (the source file of each is in the table); how they were "
+                  "trained is not known to lossglass.")
+    elif "group" in t and t["group"].nunique() > 1:
+        origin = ("Replicas in groups that differ in their training settings (batch size, learning rate or method) "
+                  "and, within a group, in their random seed.")
+    else:
+        origin = ("Replicas differ only in their random seed (initialisation and mini-batch order); the spread is the "
+                  "seed-to-seed variability.")
+    r.figure("replicas_accuracy", fig, f"Train and test accuracy of every replica. {origin}")
     r.df(t)
     ok = t[~t["diverged"]]
     if len(ok):
@@ -186,15 +197,15 @@ def _walk(r: _Report) -> None:
     r.df(s)
     for _, row in s.iterrows():
         deltas = [c[7:-7] for c in s.columns if c.startswith("radius_") and c.endswith("_median")]
-        reached = [d for d in deltas if row.get(f"radius_{d}_reached", 0) >= 0.5]
-        if reached:
-            d = reached[-1]
-            r.add_summary(f"Basin radius ({row['label']}, loss rise {d})", _fmt(row[f"radius_{d}_median"]),
-                          "Median distance a walker travels before the training loss rises by that amount.")
-        elif deltas:
-            r.add_summary(f"Basin radius ({row['label']}, loss rise {deltas[0]})",
-                          f"beyond {row['distance_max']:.4g}" if "distance_max" in row else "not reached",
-                          "The loss never rose that much within the distance walked: the basin is wider than the walk.")
+        for d in deltas[:2]:
+            med, lower = row[f"radius_{d}_median"], bool(row.get(f"radius_{d}_lower_bound", False))
+            reached = row.get(f"radius_{d}_reached", float("nan"))
+            value = ("≥ " if lower else "") + _fmt(med) + f" ({reached * 100:.0f}% of walkers crossed)"
+            meaning = ("Kaplan–Meier median distance from the start at which the training loss first rises by "
+                       f"{d} nats (walkers that never rose are kept, censored at their largest distance).")
+            if lower:
+                meaning += " Fewer than half the walkers crossed: the basin is at least this wide (a lower bound)."
+            r.add_summary(f"Basin radius ({row['label']}, loss rise {d})", value, meaning)
         r.add_summary(f"MSD exponent ({row['label']})", _fmt(row["msd_alpha"]),
                       "1 = free diffusion; below 1 = walkers confined by the landscape.")
 
@@ -247,7 +258,10 @@ def _connect(r: _Report) -> None:
         cs = ax.contourf(xs, ys, zc.T, levels=20)
         ax.contour(xs, ys, zc.T, levels=10, colors="k", linewidths=0.4)
         fig.colorbar(cs, ax=ax, label="log10 training loss")
-        pts = r.store.read_json("plane_through_points.json") if name == "plane_through" else {"centre": [0, 0]}
+        pts = {"centre": [0, 0]}
+        if name == "plane_through":
+            ptab = r.table("plane_through_points")
+            pts = {} if ptab is None else {str(row.label): (row.x, row.y) for row in ptab.itertuples()}
         for lbl, (px, py) in (pts or {}).items():
             ax.plot(px, py, "w*", ms=10, mec="k")
             ax.annotate({"C": "aligned B"}.get(lbl, lbl), (px, py), textcoords="offset points", xytext=(5, 5))
@@ -283,9 +297,14 @@ def _dendrogram(ax, linkage: np.ndarray) -> None:
     ax.set_xlabel("replicas (leaf order)")
 
 
+def _both(r: _Report, a: str, b: str) -> pd.DataFrame | None:
+    parts = [t for t in (r.table(a), r.table(b)) if t is not None]
+    return pd.concat(parts, ignore_index=True) if parts else None
+
+
 def _replicas(r: _Report) -> None:
-    s = r.table("replica_summary")
-    pq = r.table("pq")
+    s = _both(r, "replica_summary", "reference_summary")
+    pq = _both(r, "pq", "reference_pq")
     if s is None:
         return
     r.h(2, "Protocol 3 — overlaps, the Parisi tree and ultrametricity", "replicas")
@@ -308,7 +327,7 @@ def _replicas(r: _Report) -> None:
         ov = r.store.read_table(f"overlaps_{lbl}")
         k = int(ov["a"].max()) + 1
         q = ov["q"].to_numpy().reshape(k, k)
-        order = r.store.read_json(f"order_{lbl}.json")
+        order = r.store.read_table(f"order_{lbl}")["leaf"].tolist()
         tri = r.table(f"triangles_{lbl}")
         fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
         _dendrogram(axes[0], lk)
@@ -425,21 +444,26 @@ def _selection(r: _Report) -> None:
 
 
 def _missing(store: RunStore) -> list[str]:
+    from ..config import load_config
+
     out = []
-    if not (store.path / "config.toml").exists():
-        out.append("config.toml (this does not look like a lossglass run folder)")
     if not store.has_tensors("replicas"):
         out.append("replicas.safetensors (stage train not finished)")
     stages = store.stages()
-    cfg_text = (store.path / "config.toml").read_text() if (store.path / "config.toml").exists() else ""
+    try:
+        cfg = load_config(store.path / "config.toml")
+    except Exception:  # noqa: BLE001 - a damaged config is reported, not fatal
+        cfg = None
+        out.append("config.toml could not be read")
     for stage, tables in EXPECTED.items():
         if stage == "train":
             continue
-        disabled = f"[{stage}]\nenabled = false" in cfg_text
-        if disabled:
+        if cfg is not None and not getattr(cfg, stage).enabled:
             continue
         if stage not in stages:
             out.append(f"stage {stage} not finished (tables: {', '.join(tables)})")
+        elif stages[stage].get("skipped"):
+            out.append(f"stage {stage} skipped: {stages[stage]['skipped']}")
     return out
 
 
@@ -460,7 +484,7 @@ rows.forEach(function(r){b.appendChild(r);});});});});"""
 def build_report(store: RunStore | str, *, timestamp: str | None = None) -> str:
     """Write ``figures/`` and ``report.html`` from what the run folder holds; returns the HTML path.
     Missing stages are listed at the top, never a crash."""
-    store = store if isinstance(store, RunStore) else RunStore(store, create=False)
+    store = (store if isinstance(store, RunStore) else RunStore(store, create=False)).require_run()
     with matplotlib.rc_context(STYLE):
         r = _Report(store)
         r.missing += _missing(store)

@@ -1,0 +1,178 @@
+"""What a study will cost, estimated from its config before anything is loaded or written: memory, disk and time.
+
+A study that cannot fit in this machine's memory or on its disk is refused with the items that make it large;
+one that fits but would run for long is announced (with the estimate) so nobody waits hours without a word.
+The estimates are deliberately rough (factor of ~2): they count the big arrays and the matrix-multiply work.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import StudyConfig
+from .errors import LossglassError
+
+# full sizes of the named data sets: (train, test, features)
+_SIZES = {"fashion-mnist": (60000, 10000, 784), "mnist": (60000, 10000, 784), "cifar10": (50000, 10000, 3072),
+          "digits": (1437, 360, 64), "teacher": (2000, 1000, 50)}
+_IMAGE = {"fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28), "cifar10": (3, 32, 32), "digits": (1, 8, 8)}
+_CLASSES = 10
+
+
+@dataclass
+class Estimate:
+    """Peak memory (bytes), disk (bytes) and time (seconds) of a study, with the items behind each number."""
+
+    memory: float = 0.0
+    disk: float = 0.0
+    seconds: float = 0.0
+    items: list[tuple[str, str, float]] = field(default_factory=list)  # (kind, what, amount)
+
+    def add(self, kind: str, what: str, amount: float) -> None:
+        self.items.append((kind, what, float(amount)))
+        if kind == "memory":
+            self.memory = max(self.memory, amount)
+        elif kind == "disk":
+            self.disk += amount
+        else:
+            self.seconds += amount
+
+    def largest(self, kind: str, n: int = 3) -> list[tuple[str, float]]:
+        rows = sorted(((w, a) for k, w, a in self.items if k == kind), key=lambda r: -r[1])
+        return rows[:n]
+
+
+def _gb(x: float) -> str:
+    return f"{x / 2**30:.1f} GB" if x >= 2**30 else f"{x / 2**20:.0f} MB"
+
+
+def _duration(s: float) -> str:
+    if s < 120:
+        return f"{s:.0f} s"
+    if s < 7200:
+        return f"{s / 60:.0f} min"
+    return f"{s / 3600:.1f} h"
+
+
+_RATE: float | None = None
+
+
+def matmul_rate() -> float:
+    """Effective float32 FLOP/s of this machine for the work lossglass does (a third of a measured 512^3 GEMM,
+    measured once per process in ~50 ms)."""
+    global _RATE
+    if _RATE is None:
+        import torch
+
+        a = torch.randn(512, 512)
+        a @ a
+        t0 = time.perf_counter()
+        for _ in range(5):
+            a @ a
+        _RATE = max(5 * 2 * 512**3 / (time.perf_counter() - t0) / 3, 1e9)
+    return _RATE
+
+
+def _n_params(cfg: StudyConfig, features: int) -> tuple[int, int]:
+    """(P, parameters of the first layer) of the configured network (0, 0 for a user's own model)."""
+    m = cfg.model
+    if m.factory:
+        return 0, 0
+    if m.arch == "cnn":
+        c, h, w = _IMAGE.get(cfg.data.name, (1, int(math.isqrt(features)), int(math.isqrt(features))))
+        p, first = 0, 0
+        for ch in m.channels:
+            n = ch * (c * 9 + 1) + (2 * ch if m.batchnorm else 0)
+            first = first or n
+            p += n
+            c, h, w = ch, h // 2, w // 2
+        return p + c * h * w * _CLASSES + _CLASSES, first
+    widths = [m.hidden] if isinstance(m.hidden, int) else list(m.hidden)
+    dims = [features, *widths, _CLASSES]
+    sizes = [a * b + b for a, b in zip(dims[:-1], dims[1:])]
+    return sum(sizes), sizes[0]
+
+
+def estimate(cfg: StudyConfig) -> Estimate:
+    """Rough memory, disk and time of every stage of ``cfg`` (user factories: only what the config says)."""
+    est = Estimate()
+    d = cfg.data
+    full_tr, full_te, feat = _SIZES.get(d.name, (0, 0, 0))
+    if d.factory:
+        n_tr = n_te = feat = 0
+    elif d.name == "teacher":
+        n_tr, n_te = d.n_train or full_tr, d.n_test or full_te
+        est.add("memory", f"teacher data ({n_tr + n_te:,} samples x {feat})", (n_tr + n_te) * feat * 4 * 3)
+    else:
+        n_tr, n_te = min(d.n_train or full_tr, full_tr), min(d.n_test or full_te, full_te)
+        est.add("memory", f"{d.name} data", (full_tr + full_te) * feat * 5 + (n_tr + n_te) * feat * 4)
+    p, first = _n_params(cfg, feat)
+    t = cfg.train
+    k = sum((g.replicas or t.replicas) for g in t.groups) if t.groups else t.replicas
+    rate = matmul_rate()
+    if p:
+        est.add("memory", f"{k:,} replicas x {p:,} parameters", k * p * 4 * 3 + min(k, t.chunk) * p * 4 * 8 + 2**28)
+        est.add("disk", "replicas, task results and checkpoints", k * p * 4 * 2 + min(k, t.chunk) * p * 4 * 3)
+        epochs = max([g.epochs or t.epochs for g in t.groups] or [t.epochs])
+        est.add("time", "train", 6 * p * n_tr * epochs * k / rate)
+        w = cfg.walk
+        if w.enabled:
+            walkers = w.n_walkers * w.starts
+            runs = len(w.temperatures) + (1 if w.langevin_steps else 0)
+            n_w = min(w.n_data or n_tr, n_tr)
+            est.add("memory", "walk snapshots", 24 * walkers * p * 4 * 2)
+            est.add("disk", "walk snapshots", runs * 24 * walkers * p * 4)
+            est.add("time", "walk", runs * max(w.steps, w.langevin_steps) * walkers * 2 * p * (n_w + n_te / 5) / rate)
+        c = cfg.connect
+        if c.enabled:
+            later = max(p - first, 1)
+            points = 2 * c.plane_steps**2 + len(c.swaps) * c.n_points + 2 * c.pairs * c.n_points
+            est.add("time", f"connect ({points:,} path and plane points)",
+                    points * 2 * later * (n_tr + n_te) / rate + c.bezier_steps * 3 * 2 * p * 256 * 4 / rate)
+            for wd in c.widths:
+                pw = feat * wd + wd + wd * _CLASSES + _CLASSES
+                est.add("time", f"connect width {wd}", 6 * pw * n_tr * t.epochs * c.width_replicas / rate)
+                est.add("memory", f"width {wd} replicas", c.width_replicas * pw * 4 * 8)
+        cv = cfg.curvature
+        if cv.enabled:
+            n_h = min(cv.n_hvp_data or n_tr, n_tr)
+            hvps = 30 * cv.top_k + cv.trace_probes + cv.slq_steps * 2 + 40
+            est.add("time", "curvature", k * hvps * 8 * p * n_h / rate)
+    r = cfg.reference
+    if r.enabled:
+        n = r.n_spins
+        est.add("memory", f"p-spin couplings (N = {n}, p = {r.p})", 40 * n**3 if r.p == 3 else 24 * n**2)
+        est.add("time", "reference p-spin descent", r.steps * r.replicas * 4 * (n**3 if r.p == 3 else n**2) / rate)
+        if r.sk_spins:
+            est.add("time", "reference SK parallel tempering",
+                    r.sk_sweeps * r.sk_spins * 2e-5 + r.sk_sweeps * len(r.sk_temperatures) * r.sk_replicas * r.sk_spins**2 / rate)
+    return est
+
+
+def check_fits(cfg: StudyConfig, out: str | os.PathLike, *, warn=None) -> Estimate:
+    """Refuse a study that cannot fit in memory or on disk (naming what is large); announce a long one via ``warn``."""
+    import psutil
+
+    est = estimate(cfg)
+    avail = psutil.virtual_memory().available
+    if est.memory > 0.9 * avail:
+        big = "; ".join(f"{w}: {_gb(a)}" for w, a in est.largest("memory"))
+        raise LossglassError(f"this study needs about {_gb(est.memory)} of memory, more than the {_gb(avail)} available "
+                             f"({big}); reduce these settings")
+    probe = Path(out).resolve()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if est.disk > 0.9 * free:
+        big = "; ".join(f"{w}: {_gb(a)}" for w, a in est.largest("disk"))
+        raise LossglassError(f"this study writes about {_gb(est.disk)}, more than the {_gb(free)} free on {probe} ({big})")
+    if warn is not None and est.seconds > 1800:
+        big = ", ".join(f"{w} ~{_duration(a)}" for w, a in est.largest("time"))
+        warn(f"large study: about {_duration(est.seconds)} of computing on this machine ({big}); every stage saves its "
+             "progress, Ctrl-C and the same command resume it")
+    return est
