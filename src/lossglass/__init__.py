@@ -1,9 +1,36 @@
-"""lossglass: loss landscapes of neural networks measured with the tools of spin-glass physics."""
+"""lossglass: loss landscapes of neural networks measured with the tools of spin-glass physics.
 
+One object, the :class:`Problem`, is an energy E(theta) (the mean training loss of a model on a data set, or any
+function) evaluated for a batch of K replicas ``(K, P)`` in one vectorised pass. Everything else asks it questions:
+
+- ``train``: K replicas from K seeds in one loop (SGD, Adam, SAM, Langevin/SGHMC, replicated SGD, stop criteria);
+- walks: ``random_walk`` (every step, or Metropolis at T), ``langevin``, ``basin_radius`` (Kaplan-Meier), ``msd``,
+  ``aging``; ``parallel_tempering`` (replica exchange; Ising spins or continuous parameters);
+- connectivity: ``interpolate``, ``bezier_path``, ``plane``, ``permutation_barriers``, ``pair_barriers``; symmetry:
+  ``permute``, ``align`` (weight / activation matching), ``PermutationSpec``;
+- replicas: ``overlaps``, ``overlap_distribution`` (P(q)), ``distances_from_overlaps`` (d = sqrt(2(1 - q))),
+  ``hierarchy``, ``ultrametricity`` (calibrated verdict), ``describe_ultrametricity``;
+- curvature: ``lossglass.curvature`` (top eigenvalues, trace, spectral density, sharpness, local entropy);
+- reference landscapes in ``lossglass.models``: ``quadratic``, ``double_well``, ``spherical_pspin``, ``sk``;
+- studies: ``run_study`` (a TOML config or a preset -> a run folder with tables, figures and ``report.html``),
+  ``RunStore`` to read one.
+
+Example::
+
+    import lossglass as lg
+    ds = lg.datasets.load("digits")
+    prob = lg.Problem(lg.models.mlp(64, 32, 10), ds)
+    reps = lg.train(prob, 8, epochs=5, batch_size=64, lr=0.05)
+    q = lg.overlaps(prob, reps)                      # (8, 8) aligned overlaps
+    print(lg.ultrametricity(lg.distances_from_overlaps(q)).summary["verdict"])
+"""
+
+# first: importing _determinism pins the thread count and fixes OpenMP team sizes (issue 13)
+from ._determinism import numerics as numerics  # noqa: I001
 from . import datasets, models
 from .errors import LossglassError
 from .problem import FunctionProblem, Problem
-from .protocols import curvature
+from . import curvature
 from .protocols.connect import (
     PathResult,
     PlaneResult,
@@ -15,8 +42,18 @@ from .protocols.connect import (
     plane_through,
 )
 from .protocols.curvature import local_entropy, sharpness
-from .protocols.replicas import hierarchy, overlap_distribution, overlaps, ultrametricity
-from .protocols.walk import WalkResult, aging, basin_radius, langevin, msd, random_walk
+from .problem import Sphere
+from .proxies import FlatnessProbe
+from .protocols.replicas import (
+    describe_ultrametricity,
+    distances_from_overlaps,
+    hierarchy,
+    overlap_distribution,
+    overlaps,
+    ultrametricity,
+)
+from .protocols.walk import WalkResult, aging, basin_radius, kaplan_meier, km_quantile, langevin, msd, random_walk
+from .sampling import PTResult, overlap_matrix, overlap_samples, parallel_tempering
 from .store import RunStore
 from .symmetry import PermutationSpec, align, permute, random_permutation, swap_permutation
 from .train import Replicas, descend, train
@@ -37,5 +74,6 @@ __all__ = [
     "interpolate", "bezier_path", "plane", "plane_through", "permutation_barriers", "pair_barriers",
     "PathResult", "PlaneResult", "permute", "random_permutation", "swap_permutation", "align", "PermutationSpec",
     "overlaps", "overlap_distribution", "hierarchy", "ultrametricity", "curvature", "sharpness", "local_entropy",
-    "run_study",
+    "run_study", "numerics", "Sphere", "FlatnessProbe", "describe_ultrametricity", "distances_from_overlaps",
+    "kaplan_meier", "km_quantile", "parallel_tempering", "PTResult", "overlap_samples", "overlap_matrix",
 ]
