@@ -49,6 +49,16 @@ enabled = true
 n_spins = 20
 replicas = 6
 steps = 100
+sk_spins = 24
+sk_replicas = 8
+sk_sweeps = 200
+sk_samples = 2
+sk_temperatures = [0.4, 0.8, 1.2, 1.6]
+[replicas]
+basin_temperature = 0.01
+basin_samples = 6
+basin_sweeps = 20
+basin_n_data = 200
 """
 
 
@@ -69,7 +79,12 @@ def test_full_study_writes_every_table_and_a_report(tmp_path, capsys):
         assert len(pd.read_parquet(store.table_path(t))) > 0, t
     summary = store.read_table("replica_summary")
     assert {"network-aligned", "network-raw", "network-functions"} <= set(summary["system"])
-    assert {"3-spin", "convex-control"} <= set(store.read_table("reference_summary")["system"])
+    ref = store.read_table("reference_summary")
+    assert {"3-spin descent minima (threshold states)", "convex control (one well)", "SK all samples (T = 0.4)"} <= set(
+        ref["system"])
+    assert {"network-basin"} <= set(summary["system"]) and summary["verdict"].notna().all()
+    assert store.has_table("reference_sk_ladder") and "SK T = 0.4 (2 disorder samples)" in set(
+        store.read_table("reference_pq")["label"])
     theta = store.read_tensors("replicas")["theta"]
     assert theta.shape[0] == 6
     html = (out / "report.html").read_text()

@@ -175,9 +175,10 @@ class ReplicasConfig(_Section):
     alpha: float = _f(0.01, "Significance level of the ultrametricity verdict.", gt=0, lt=1)
     basin_temperature: float = _f(0.0, "Temperature (units of the loss) of the within-basin samples drawn around one "
                                   "trained solution by parallel tempering; 0 = none.", ge=0)
-    basin_samples: int = _f(16, "Independent within-basin samples (chains).", ge=3)
+    basin_samples: int = _f(16, "Independent within-basin samples (chains).", ge=4)
     basin_sweeps: PositiveInt = _f(200, "Metropolis sweeps per within-basin chain.")
-    basin_step_size: float = _f(0.002, "Proposal step of the within-basin chains.", gt=0)
+    basin_step_size: float = _f(0.002, "Proposal step of the within-basin chains (per coordinate).", gt=0)
+    basin_n_data: PositiveInt | None = _f(2000, "Training samples the within-basin chains' energy uses (the first n).")
 
 
 class CurvatureConfig(_Section):
@@ -190,7 +191,9 @@ class CurvatureConfig(_Section):
     density: bool = _f(True, "Spectral density (SLQ) of the flattest and the sharpest replica.")
     slq_steps: int = _f(40, "Lanczos steps of the spectral density.", ge=2)
     rho: float = _f(0.05, "Sharpness radius, relative: perturbations of norm rho * |theta|.", gt=0)
-    n_samples: PositiveInt = _f(8, "Random directions for average sharpness (and chains for local entropy).")
+    n_samples: PositiveInt = _f(8, "Random directions for average sharpness.")
+    entropy_chains: int = _f(64, "Chains of the local-entropy estimator (subset simulation); about 60 batched "
+                             "evaluations of replicas x chains points resolve log-fractions down to about -30.", ge=4)
     n_hvp_data: PositiveInt | None = _f(None, "Training samples used for curvature (the first n; default all).")
     entropy_radius: float = _f(0.3, "Local-entropy ball radius, relative to |theta|.", gt=0)
     entropy_epsilon: float = _f(0.05, "Local-entropy loss tolerance epsilon (nats).", gt=0)
@@ -212,15 +215,17 @@ class ReferenceConfig(_Section):
     enabled: bool = _f(False, "Run this stage.")
     n_spins: int = _f(200, "Spherical p-spin size N.", ge=3)
     p: Literal[2, 3] = _f(3, "p of the spherical p-spin.")
-    replicas: int = _f(32, "Descent minima (threshold states) of the p-spin, and convex-control samples.", ge=3)
+    replicas: int = _f(32, "Descent minima (threshold states) of the p-spin, and convex-control samples.", ge=4)
     steps: PositiveInt = _f(2000, "Gradient-descent steps of the p-spin.")
     lr: float = _f(0.2, "Descent step of the p-spin (times N).", gt=0)
     sk_spins: int = _f(64, "Sherrington-Kirkpatrick size N (0 = no SK control).", ge=0)
     sk_temperatures: list[float] = _f([0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6],
                                       "Parallel-tempering ladder for SK (physical units, T_c = 1).")
-    sk_replicas: int = _f(32, "Independent SK replicas (whole ladders).", ge=3)
+    sk_replicas: int = _f(32, "Independent SK replicas (whole ladders).", ge=4)
     sk_sweeps: PositiveInt = _f(2000, "Monte Carlo sweeps per SK replica.")
     sk_temperature: float = _f(0.4, "The low temperature whose samples are analysed (nearest ladder rung).", gt=0)
+    sk_samples: int = _f(4, "SK disorder samples (P(q) is their average; tree p-values combined by Fisher's method).",
+                         ge=1)
 
     @field_validator("sk_temperatures")
     @classmethod

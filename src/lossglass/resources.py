@@ -142,15 +142,20 @@ def estimate(cfg: StudyConfig) -> Estimate:
         if cv.enabled:
             n_h = min(cv.n_hvp_data or n_tr, n_tr)
             hvps = 30 * cv.top_k + cv.trace_probes + cv.slq_steps * 2 + 40
-            est.add("time", "curvature", k * hvps * 8 * p * n_h / rate)
+            entropy = 62 * cv.entropy_chains  # subset simulation: up to ~62 batched evaluations of the chains
+            est.add("time", "curvature", k * (hvps * 8 + entropy * 2) * p * n_h / rate)
+        rc = cfg.replicas
+        if rc.enabled and rc.basin_temperature > 0:
+            n_b = min(rc.basin_n_data or n_tr, n_tr)
+            est.add("time", "within-basin sampling", rc.basin_samples * rc.basin_sweeps * 2 * p * n_b / rate)
     r = cfg.reference
     if r.enabled:
         n = r.n_spins
         est.add("memory", f"p-spin couplings (N = {n}, p = {r.p})", 40 * n**3 if r.p == 3 else 24 * n**2)
         est.add("time", "reference p-spin descent", r.steps * r.replicas * 4 * (n**3 if r.p == 3 else n**2) / rate)
-        if r.sk_spins:
+        if r.sk_spins:  # ~80 ns per chain, site and sweep (vectorised single-spin flips), measured at N = 64
             est.add("time", "reference SK parallel tempering",
-                    r.sk_sweeps * r.sk_spins * 2e-5 + r.sk_sweeps * len(r.sk_temperatures) * r.sk_replicas * r.sk_spins**2 / rate)
+                    r.sk_samples * r.sk_sweeps * len(r.sk_temperatures) * r.sk_replicas * r.sk_spins * 8e-8)
     return est
 
 

@@ -513,16 +513,19 @@ class Study:
 
         c = self.cfg.replicas
         rep = self._alive()
-        check(len(rep) >= 3, f"the replicas stage needs at least 3 replicas, got {len(rep)}")
+        check(len(rep) >= 4, f"the replicas stage needs at least 4 replicas, got {len(rep)}")
         summary, pq_rows = [], []
         why = self._spec_missing()
         kinds = [("raw", False)] if why else [("aligned", True), ("raw", False)]
         for label, al in kinds:
+            self.note(f"replicas: {label} overlaps of {len(rep)} replicas")
             q = R.overlaps(self.problem, rep, align=al, kind=c.kind).numpy()
             self._replica_analysis(f"network-{label}", q, summary, pq_rows)
         if c.kind != "functions":
             q = R.overlaps(self.problem, rep, kind="functions").numpy()
             self._replica_analysis("network-functions", q, summary, pq_rows)
+        if c.basin_temperature > 0:
+            self._basin_samples(rep, summary, pq_rows)
         if not why:
             self.store.write_table("replica_layers",
                                    R.layer_overlaps(self.problem, R.aligned_replicas(self.problem, rep.theta)))
@@ -530,24 +533,52 @@ class Study:
         self.store.write_table("pq", pd.concat(pq_rows, ignore_index=True))
         return {"note": why} if why else {}
 
-    def _replica_analysis(self, label: str, q: np.ndarray, summary: list, pq_rows: list, *,
-                          symmetric: bool = False) -> None:
+    def _basin_samples(self, rep: Replicas, summary: list, pq_rows: list) -> None:
+        """Equilibrium samples at ``basin_temperature`` drawn around one trained solution (independent Metropolis
+        chains started there): the P(q) of one basin, beside the overlaps of independent solutions."""
+        from .sampling import overlap_matrix, parallel_tempering
+
+        c = self.cfg.replicas
+        prob = self.problem.subset(c.basin_n_data)
+        self.note(f"replicas: {c.basin_samples} within-basin chains at T = {c.basin_temperature:g}, "
+                  f"{c.basin_sweeps} sweeps on {len(prob.dataset.y_train)} samples")
+        res = parallel_tempering(prob, [c.basin_temperature], n_replicas=c.basin_samples, sweeps=c.basin_sweeps,
+                                 seed=self.cfg.seed, start=rep.theta[0], step_size=c.basin_step_size,
+                                 sample_every=max(1, c.basin_sweeps - c.basin_sweeps // 2), progress=self.bars)
+        q = overlap_matrix(res, 0)
+        self._replica_analysis("network-basin", q, summary, pq_rows)
+        summary[-1].update(temperature=c.basin_temperature, move_acceptance=float(res.move_acceptance[0]),
+                           energy_mean=float(res.energy[res.params["burn_in"]:, 0].mean()),
+                           equilibrated=bool(res.equilibrated), n_data=len(prob.dataset.y_train))
+
+    def _replica_analysis(self, label: str, q: np.ndarray, summary: list, pq_rows: list, *, symmetric: bool = False,
+                          system: str | None = None, tree: bool = True) -> dict:
+        """Overlaps -> distances -> tree and calibrated ultrametricity; one summary row (``system`` names it; the
+        tables are saved under the file-safe ``label``). ``symmetric``: spin-flip symmetric systems (distances
+        from |q|)."""
         from .protocols import replicas as R
 
         c = self.cfg.replicas
-        d = R.distances_from_overlaps(q)
-        h = R.hierarchy(d, method=c.method, max_triangles=c.max_triangles, seed=self.cfg.seed)
+        d = R.distances_from_overlaps(q, symmetric=symmetric)
+        h = R.hierarchy(d, method=c.method, max_triangles=c.max_triangles, seed=self.cfg.seed, alpha=c.alpha,
+                        symmetric=symmetric)
         u = h.ultrametricity
         pq = R.overlap_distribution(q)
         k = q.shape[0]
-        ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
-        self.store.write_table(f"overlaps_{label}", pd.DataFrame({"a": ii.ravel(), "b": jj.ravel(), "q": q.ravel()}))
-        self.store.write_table(f"linkage_{label}", pd.DataFrame(h.linkage, columns=["left", "right", "height", "size"]))
-        self.store.write_table(f"order_{label}", pd.DataFrame({"leaf": h.order}))
-        tri = pd.DataFrame(u.sides[:5000], columns=["d_min", "d_mid", "d_max"])
-        self.store.write_table(f"triangles_{label}", tri)
-        pq_rows.append(pd.DataFrame({"label": label, "q": pq.q}))
-        summary.append({"system": label, "replicas": k, **pq.moments, "cophenetic": h.cophenetic, **u.summary})
+        if tree:
+            ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+            self.store.write_table(f"overlaps_{label}", pd.DataFrame({"a": ii.ravel(), "b": jj.ravel(), "q": q.ravel()}))
+            self.store.write_table(f"linkage_{label}",
+                                   pd.DataFrame(h.linkage, columns=["left", "right", "height", "size"]))
+            self.store.write_table(f"order_{label}", pd.DataFrame({"leaf": h.order}))
+            tri = pd.DataFrame(u.sides[:5000], columns=["d_min", "d_mid", "d_max"])
+            self.store.write_table(f"triangles_{label}", tri)
+        if pq_rows is not None:
+            pq_rows.append(pd.DataFrame({"label": system or label, "q": pq.q}))
+        row = {"system": system or label, "label": label, "replicas": k, **pq.moments, "cophenetic": h.cophenetic,
+               **u.summary, "sentence": R.describe_ultrametricity(u.summary)}
+        summary.append(row)
+        return row
 
     def stage_curvature(self) -> dict:
         from tqdm.auto import tqdm
@@ -560,7 +591,7 @@ class Study:
         steps = tqdm(total=3 if c.density else 2, desc="curvature", disable=not self.bars, leave=False)
         self.note(f"curvature: flatness measures of {len(rep)} replicas on {len(prob.dataset.y_train)} samples")
         df = K.flatness_table(prob, rep, rho=c.rho, top_k=c.top_k, tol=c.tol, trace_probes=c.trace_probes,
-                              n_samples=c.n_samples, entropy_radius=c.entropy_radius,
+                              n_samples=c.n_samples, entropy_radius=c.entropy_radius, entropy_chains=c.entropy_chains,
                               entropy_epsilon=c.entropy_epsilon, seed=self.cfg.seed)
         steps.update(1)
         self.store.write_table("flatness", df)
@@ -596,22 +627,36 @@ class Study:
         return {"replica": d.get("replica")}
 
     def stage_reference(self) -> dict:
-        """The spherical p-spin glass and a convex control through the same replica pipeline."""
+        """Known landscapes through the same replica pipeline: the SK spin glass sampled in equilibrium by parallel
+        tempering (the positive control: full replica symmetry breaking below T_c = 1), the spherical p-spin's
+        gradient-descent minima (threshold states: nearly orthogonal, no Gibbs sample), and a convex control
+        (thermal samples of one quadratic well: one state)."""
         from .models import quadratic, spherical_pspin
         from .protocols import walk as W
         from .train import descend
 
         c = self.cfg.reference
+        summary, pq_rows = [], []
+        info: dict = {}
+        if c.sk_spins:
+            info.update(self._sk_control(summary, pq_rows))
+        self.note(f"reference: {c.replicas} descent minima of the spherical {c.p}-spin, N = {c.n_spins}")
         ps = spherical_pspin(c.n_spins, c.p, seed=self.cfg.seed)
         s0 = ps.init(c.replicas, self.cfg.seed)
         # the gradient of the energy per spin is O(1/N) per component: the step is lr * N * grad(H/N)
         s = descend(ps, s0, steps=c.steps, lr=c.lr * c.n_spins, progress=self.bars)
         e = ps.energy(s)
         q = ((s @ s.T) / c.n_spins).double().numpy()
-        summary, pq_rows = [], []
-        self._replica_analysis(f"{c.p}-spin", q, summary, pq_rows)
-        summary[-1]["energy_mean"] = float(e.mean())
-        summary[-1]["energy_min"] = float(e.min())
+        # runs that ended in the same minimum are one state: keep one of each (a duplicate is a zero distance that
+        # would dominate sigma(d) in the ultrametricity index)
+        same = np.abs(q) > 0.999 if c.p % 2 == 0 else q > 0.999
+        keep = [i for i in range(len(q)) if not any(same[i, j] for j in range(i))]
+        distinct = q[np.ix_(keep, keep)]
+        if len(keep) >= 4:
+            row = self._replica_analysis(f"pspin{c.p}", distinct, summary, pq_rows, symmetric=c.p % 2 == 0,
+                                         system=f"{c.p}-spin descent minima (threshold states)")
+            row.update(energy_mean=float(e.mean()), energy_min=float(e.min()), n_spins=c.n_spins,
+                       descent_runs=len(q), distinct_minima=len(keep))
         # convex control: one basin, replicas = thermal samples of a quadratic well (replica symmetric)
         n = c.n_spins
         g = torch.Generator().manual_seed(self.cfg.seed)
@@ -622,13 +667,76 @@ class Study:
         samp = W.langevin(quad, torch.zeros(n, dtype=torch.float64), temperature=0.05, lr=0.05, steps=400,
                           n_walkers=c.replicas, seed=self.cfg.seed, progress=False)
         x = samp.theta.double() + centre
-        qc = _cosine_np(x.numpy())
-        self._replica_analysis("convex-control", qc, summary, pq_rows)
-        summary[-1]["energy_mean"] = float(quad.energy(samp.theta).mean())
+        row = self._replica_analysis("convex-control", _cosine_np(x.numpy()), summary, pq_rows,
+                                     system="convex control (one well)")
+        row["energy_mean"] = float(quad.energy(samp.theta).mean())
         self.store.write_table("reference_summary", pd.DataFrame(summary))
         self.store.write_table("reference_pq", pd.concat(pq_rows, ignore_index=True))
         self.store.write_table("reference_energies", pd.DataFrame({"replica": np.arange(len(e)), "energy": e.numpy()}))
-        return {"pspin_energy_mean": float(e.mean())}
+        return {"pspin_energy_mean": float(e.mean()), **info}
+
+    def _sk_control(self, summary: list, pq_rows: list) -> dict:
+        """SK by parallel tempering over ``sk_samples`` disorder samples: per sample the exchange acceptances,
+        equilibration, energy and the tree of the replicas at ``sk_temperature``; P(q) pooled over the samples (the
+        disorder average, what the Parisi solution describes) at that temperature and at the top of the ladder;
+        the per-sample ultrametricity p-values combined by Fisher's method."""
+        from scipy.stats import chi2
+
+        from ._util import seed_for
+        from .models import sk
+        from .sampling import overlap_matrix, overlap_samples, parallel_tempering
+
+        c = self.cfg.reference
+        temps = c.sk_temperatures
+        per, ladder = [], []
+        pooled: dict[int, list] = {}
+        t_low = t_high = None
+        for j in range(c.sk_samples):
+            self.note(f"reference: SK N = {c.sk_spins}, disorder sample {j + 1}/{c.sk_samples}, parallel tempering "
+                      f"({c.sk_replicas} replicas x {len(temps)} temperatures x {c.sk_sweeps} sweeps)")
+            prob = sk(c.sk_spins, seed=seed_for(self.cfg.seed, 97, j))
+            burn = c.sk_sweeps // 2
+            res = parallel_tempering(prob, temps, n_replicas=c.sk_replicas, sweeps=c.sk_sweeps, burn_in=burn,
+                                     sample_every=max(1, (c.sk_sweeps - burn) // 8), seed=seed_for(self.cfg.seed, 98, j),
+                                     progress=self.bars)
+            tab = res.table()
+            tab["disorder"] = j
+            ladder.append(tab)
+            lo, hi = res.index_of(c.sk_temperature), len(temps) - 1
+            t_low, t_high = float(res.temperatures[lo]), float(res.temperatures[hi])
+            for idx in (lo, hi):
+                pooled.setdefault(idx, []).append(overlap_samples(res, idx).ravel())
+            row = self._replica_analysis(f"sk-{j}", overlap_matrix(res, lo), summary, None, symmetric=True,
+                                         system=f"SK sample {j} (T = {t_low:g}, equilibrium)", tree=j == 0)
+            qs = pooled[lo][-1]
+            row.update(temperature=t_low, energy_mean=float(tab["E_mean"][lo]), disorder=j,
+                       abs_q_mean=float(np.abs(qs).mean()), frac_abs_q_below_0_3=float(np.mean(np.abs(qs) < 0.3)),
+                       exchange_min=float(np.nanmin(res.exchange_acceptance)),
+                       exchange_max=float(np.nanmax(res.exchange_acceptance)), equilibrated=bool(res.equilibrated))
+            per.append(row)
+        for idx, t in ((lo, t_low), (hi, t_high)):
+            q = np.concatenate(pooled[idx])
+            pq_rows.append(pd.DataFrame({"label": f"SK T = {t:g} ({len(per)} disorder samples)", "q": q}))
+        self.store.write_table("reference_sk_ladder", pd.concat(ladder, ignore_index=True))
+        p = np.array([r["p_value"] for r in per])
+        fisher = float(chi2.sf(-2 * np.log(p).sum(), 2 * len(p)))
+        alpha = self.cfg.replicas.alpha
+        verdict = "hierarchical" if fisher < alpha else "no evidence of hierarchy"
+        q_lo = np.concatenate(pooled[lo])
+        summary.append({"system": f"SK all samples (T = {t_low:g})", "label": "sk-all", "replicas": c.sk_replicas,
+                        "q_mean": float(q_lo.mean()), "q_var": float(q_lo.var()),
+                        "abs_q_mean": float(np.abs(q_lo).mean()),
+                        "frac_abs_q_below_0_3": float(np.mean(np.abs(q_lo) < 0.3)),
+                        "K_mean": float(np.mean([r["K_mean"] for r in per])),
+                        "null_K_mean": float(np.mean([r["null_K_mean"] for r in per])),
+                        "z": float(np.sum([r["z"] for r in per]) / np.sqrt(len(per))), "p_value": fisher,
+                        "alpha": alpha, "verdict": verdict, "temperature": t_low,
+                        "energy_mean": float(np.mean([r["energy_mean"] for r in per])),
+                        "sentence": (f"Fisher's combination of the {len(per)} disorder samples' p-values gives p = "
+                                     f"{fisher:.2g} at alpha = {alpha:g}: "
+                                     + ("the equilibrium states are hierarchically organised (a Parisi tree)."
+                                        if verdict == "hierarchical" else "no evidence of hierarchy."))})
+        return {"sk_verdict": verdict, "sk_p_value": fisher}
 
     def stage_report(self) -> dict:
         from .report import build_report
