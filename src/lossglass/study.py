@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import inspect
 import json
+import os
 import platform
 import sys
 import time
@@ -328,40 +329,67 @@ class Study:
         self.prepare(force, allow)
         store = self.store
         t_all = time.time()
-        for name in stages:
-            section = getattr(self.cfg, name, None)
-            if section is not None and hasattr(section, "enabled") and not section.enabled:
-                continue
-            fp = self.fingerprint(name)
-            rec = store.stage_record(name) if store.stage_done(name) else None
-            if rec is not None and rec.get("imported"):
-                check(rec.get("fingerprint") == fp, f"{store.path}: the model or data differ from those the "
-                      "checkpoints were imported with; import them again into a new folder")
-                log(f"{name}: imported replicas, kept")
-                continue
-            if rec is not None and name != "report":
-                if rec.get("fingerprint") == fp:
-                    log(f"{name}: done already, skipped")
-                    continue
-                log(f"{name}: its inputs changed since it ran (config, data or code); redoing it and what depends on it")
-                self.invalidate(name)
-            check(name != "train" or not self._imported_record(), "imported replicas are never retrained")
-            log(f"{name}: running")
-            store.stage = name
-            t0 = time.time()
-            info = getattr(self, f"stage_{name}")() or {}
-            store.mark_done(name, {"seconds": time.time() - t0, "fingerprint": fp, **info})
-            store.stage = None
-            if info.get("skipped"):
-                log(f"{name}: skipped: {info['skipped']}")
-            else:
-                log(f"{name}: finished in {time.time() - t0:.1f} s")
+        todo = [n for n in stages if getattr(getattr(self.cfg, n, None), "enabled", True)]
+        self._progress = {n: {"state": "done" if store.stage_done(n) and n != "report" else "pending"} for n in todo}
+        self._write_progress()
+        try:
+            self._run_stages(todo, store)
+        except BaseException as e:
+            running = [n for n, v in self._progress.items() if v["state"] == "running"]
+            for n in running:
+                self._progress[n].update(state="interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                                         error=str(e)[:300])
+            self._write_progress(active=False)
+            raise
+        self._write_progress(active=False)
         meta = store.read_json("meta.json", {})
         meta["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         meta["stage_seconds"] = {k: v.get("seconds") for k, v in store.stages().items()}
         meta["last_run_seconds"] = time.time() - t_all
         store.write_json("meta.json", meta)
         return store
+
+    def _write_progress(self, active: bool = True) -> None:
+        """``progress.json``: every stage of this run with its state (pending, running with its start time, done,
+        skipped, failed, interrupted), written atomically at every change (the dashboard's live view reads it)."""
+        self.store.write_json("progress.json", {"active": active, "pid": os.getpid(), "updated": time.time(),
+                                                "stages": self._progress})
+
+    def _stage_state(self, name: str, **kw) -> None:
+        self._progress.setdefault(name, {}).update(kw)
+        self._write_progress()
+
+    def _run_stages(self, stages, store: RunStore) -> None:
+        for name in stages:
+            fp = self.fingerprint(name)
+            rec = store.stage_record(name) if store.stage_done(name) else None
+            if rec is not None and rec.get("imported"):
+                check(rec.get("fingerprint") == fp, f"{store.path}: the model or data differ from those the "
+                      "checkpoints were imported with; import them again into a new folder")
+                log(f"{name}: imported replicas, kept")
+                self._stage_state(name, state="done")
+                continue
+            if rec is not None and name != "report":
+                if rec.get("fingerprint") == fp:
+                    log(f"{name}: done already, skipped")
+                    self._stage_state(name, state="done")
+                    continue
+                log(f"{name}: its inputs changed since it ran (config, data or code); redoing it and what depends on it")
+                self.invalidate(name)
+            check(name != "train" or not self._imported_record(), "imported replicas are never retrained")
+            log(f"{name}: running")
+            t0 = time.time()
+            self._stage_state(name, state="running", started=t0)
+            store.stage = name
+            info = getattr(self, f"stage_{name}")() or {}
+            store.mark_done(name, {"seconds": time.time() - t0, "fingerprint": fp, **info})
+            store.stage = None
+            self._stage_state(name, state="skipped" if info.get("skipped") else "done", finished=time.time(),
+                              seconds=time.time() - t0)
+            if info.get("skipped"):
+                log(f"{name}: skipped: {info['skipped']}")
+            else:
+                log(f"{name}: finished in {time.time() - t0:.1f} s")
 
     # ------------------------------------------------------------------ stages
     def _map(self, fn, tasks: list[tuple], what: str) -> list:
