@@ -232,6 +232,9 @@ def cmd_import(a) -> int:
                           "train_loss": tr["loss"].cpu().numpy(), "train_accuracy": tr["accuracy"].cpu().numpy(),
                           "test_loss": te["loss"].cpu().numpy(), "test_accuracy": te["accuracy"].cpu().numpy(),
                           "diverged": False, "group": 0})
+    if "val" in prob.data:
+        va = prob.evaluate(theta, "val")
+        table["val_loss"], table["val_accuracy"] = va["loss"].cpu().numpy(), va["accuracy"].cpu().numpy()
     table["gap_loss"] = table["test_loss"] - table["train_loss"]
     table["gap_error"] = table["train_accuracy"] - table["test_accuracy"]
     store = study.store

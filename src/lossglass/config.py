@@ -203,8 +203,12 @@ class SelectConfig(_Section):
     """Which model to ship: strategies graded on the untouched test split."""
 
     enabled: bool = _f(True, "Run this stage (after curvature).")
+    strategy: Literal["best-val", "flattest", "flattest-within-1se", "random", "merged"] = _f(
+        "flattest-within-1se", "The rule whose choice is exported: best validation accuracy, flattest, flattest within "
+        "one standard error of the best validation accuracy, random (the floor), or the aligned average (merged).")
     measure: str = _f("sharpness_average", "The one flatness measure declared in advance for the 'flattest' "
-                      "strategies (lower = flatter; local_entropy: higher = flatter).")
+                      "strategies (lower = flatter; local_entropy: higher = flatter). Average sharpness is the "
+                      "closest of ours to the best generalisation predictors of Jiang et al. 2020.")
     n_resamples: PositiveInt = _f(2000, "Sub-pools drawn to estimate each strategy's expected test accuracy.")
     pool: PositiveInt | None = _f(None, "Size of each random sub-pool (default: half the replicas, at least 3).")
 

@@ -208,7 +208,8 @@ def trace(problem: Problem, theta, *, n_probes: int = 30, method: str = "hutch++
         v = v - torch.einsum("kps,kns->knp", q, torch.einsum("knp,kps->kns", v, q))
         est = (v * mv_many(v)).sum(-1).double()
         tr = exact + est.mean(1)
-        se = est.std(1) / math.sqrt(max(g_, 1))
+        # one Hutchinson probe left has no sample spread: its standard error is unknown (NaN), not a warning
+        se = est.std(1) / math.sqrt(g_) if g_ >= 2 else torch.full_like(tr, float("nan"))
         n_hvp = 2 * s + g_
     out = {"trace": tr, "stderr": se, "n_hvp": n_hvp}
     return {k: (v[0] if single and torch.is_tensor(v) else v) for k, v in out.items()}
