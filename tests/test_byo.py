@@ -32,7 +32,7 @@ name = "byo"
 [data]
 factory = "tests.byo_factories:data"
 [model]
-factory = "tests.byo_factories:model"
+factory = "tests.byo_factories:opaque_model"
 [train]
 replicas = 4
 epochs = 3
@@ -52,16 +52,17 @@ n_samples = 4
 slq_steps = 6
 """)
     out = tmp_path / "run"
-    # a non-Sequential model has no derivable permutation spec: the connect stage is skipped with the config key to
-    # set, and every stage that needs no spec runs
+    # a model whose permutation spec cannot be derived (an op of unknown symmetry on its hidden units): the connect
+    # stage is skipped naming the op and the config key to set, and every stage that needs no spec runs
     assert main(["run", str(cfg), "--out", str(out), "--quiet"]) == 0
     store = lg.RunStore(out, create=False)
     assert "model.spec" in store.stages()["connect"]["skipped"]
+    assert "torch.cumsum" in store.stages()["connect"]["skipped"]
     assert store.has_table("walk") and store.has_table("flatness") and not store.has_table("perm_barriers")
     assert set(store.read_table("replica_summary")["system"]) == {"network-raw", "network-functions"}
     assert (out / "selection.json").exists()
     # with the spec declared, the permutation protocols run too
-    cfg.write_text(cfg.read_text().replace('factory = "tests.byo_factories:model"',
+    cfg.write_text(cfg.read_text().replace('factory = "tests.byo_factories:opaque_model"',
                                            'factory = "tests.byo_factories:model"\nspec = "tests.byo_factories:spec"'))
     out2 = tmp_path / "run2"
     assert main(["run", str(cfg), "--out", str(out2), "--quiet", "--stages", "train,connect,replicas"]) == 0

@@ -248,6 +248,10 @@ def test_config_reference_is_generated_and_complete(capsys):
         assert len(meaning) > 10, f"{key} has no description"
     assert main(["config"]) == 0
     assert "walk.steps" in capsys.readouterr().out
+    from lossglass.columns import reference as tables
+
+    assert (doc.parent / "tables.md").read_text() == tables(), "docs/tables.md is stale: lossglass config --tables"
+    assert "Binder" in tables() and "test error - train error" in tables()
 
 
 def test_info_lists_stages_in_run_order_and_no_empty_folders_are_left(tmp_path, capsys):

@@ -106,6 +106,24 @@ def cmd_report(a) -> int:
     return 0
 
 
+def cmd_dashboard(a) -> int:
+    """One interactive page of every run named (run folders, or a folder of runs): a self-contained HTML file, or
+    with --serve a live page from a local server that follows running studies."""
+    from .dashboard import serve, write_dashboard
+
+    if a.serve:
+        check(a.out is None, "--out writes a file; --serve serves the page instead: give one of them")
+        serve(a.runs, a.port, open_browser=not a.no_open)
+        return 0
+    out = write_dashboard(a.runs, a.out)
+    print(out)
+    if not a.no_open:
+        import webbrowser
+
+        webbrowser.open(out.resolve().as_uri())
+    return 0
+
+
 def cmd_info(a) -> int:
     store = _run_store(a.run)
     meta = store.read_json("meta.json", {}) or {}
@@ -141,6 +159,11 @@ def cmd_presets(a) -> int:
 def cmd_config(a) -> int:
     from .config import reference
 
+    if a.tables:
+        from .columns import reference as tables
+
+        sys.stdout.write(tables())
+        return 0
     sys.stdout.write(reference(markdown=a.markdown))
     return 0
 
@@ -326,6 +349,13 @@ def parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="rebuild report.html from a run folder's saved data")
     rep.add_argument("run")
     rep.set_defaults(fn=cmd_report)
+    db = sub.add_parser("dashboard", help="one interactive page of many runs (an offline HTML file, or --serve live)")
+    db.add_argument("runs", nargs="+", metavar="RUN", help="run folders, or a folder of runs")
+    db.add_argument("--out", help="the HTML file to write (default RUNS_DIR/dashboard.html or ./dashboard.html)")
+    db.add_argument("--no-open", action="store_true", help="do not open a browser; print the file's path (or the URL)")
+    db.add_argument("--serve", action="store_true", help="serve the page on 127.0.0.1 and follow running studies live")
+    db.add_argument("--port", type=int, default=8765, help="port for --serve (default 8765; 0: any free port)")
+    db.set_defaults(fn=cmd_dashboard)
     i = sub.add_parser("info", help="what a run folder holds")
     i.add_argument("run")
     i.set_defaults(fn=cmd_info)
@@ -334,6 +364,7 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_presets)
     cf = sub.add_parser("config", help="every config key: meaning, unit, default, allowed values")
     cf.add_argument("--markdown", action="store_true", help="as docs/config.md")
+    cf.add_argument("--tables", action="store_true", help="every table's columns instead (docs/tables.md)")
     cf.set_defaults(fn=cmd_config)
     e = sub.add_parser("export", help="export every table of a run folder")
     e.add_argument("run")

@@ -1,5 +1,5 @@
-"""Data sets as float32 tensors: IDX (MNIST, Fashion-MNIST), CIFAR-10 pickles, scikit-learn digits, and a
-synthetic teacher-student task. Every loader checks what it reads and names the file and the problem."""
+"""Data sets as float32 tensors: IDX (MNIST, Fashion-MNIST), CIFAR-10 pickles, scikit-learn digits, a
+synthetic teacher-student task, and modular arithmetic as token sequences (the grokking task). Every loader checks what it reads and names the file and the problem."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ DEFAULT_DIRS = {
     "mnist": ["/usr/share/datasets/mnist"],
     "cifar10": [],
 }
-NAMES = ("fashion-mnist", "mnist", "digits", "teacher", "cifar10")
+NAMES = ("fashion-mnist", "mnist", "digits", "teacher", "cifar10", "modular")
+MODULAR_OPS = ("add", "sub", "mul", "div")
 
 
 @dataclass
@@ -271,6 +272,48 @@ def teacher(n_train: int = 2000, n_test: int = 1000, *, in_dim: int = 50, width:
                    {"in_dim": in_dim, "width": width, "seed": seed})
 
 
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
+
+
+def modular(p: int = 97, op: str = "add", train_fraction: float = 0.3, *, seed: int = 0) -> Dataset:
+    """Modular arithmetic (a, b) -> c = (a op b) mod p as token sequences, the algorithmic task on which Power et al.
+    (2022, "Grokking") saw generalisation long after memorisation. Every equation is one sample: the input is the
+    three tokens (a, b, "=") with "=" the token p (vocabulary p + 1), stored as float token ids ``(N, 3)`` (exact
+    below 2^24; a model casts them to integers), the label is c in 0..p-1 (p classes). ``op``: add (a + b), sub
+    (a - b), mul (a b), div (a b^(p-2) = a / b, b != 0; p must be prime). All p^2 (div: p (p - 1)) equations are
+    shuffled by ``seed`` and the first ``train_fraction`` of them (rounded) form the training set, the rest the
+    test set.
+
+    Example::
+
+        >>> ds = modular(5, "add", 0.5, seed=0)
+        >>> len(ds.y_train) + len(ds.y_test), ds.n_classes, ds.info["vocab"]
+        (25, 5, 6)
+    """
+    check(isinstance(p, int) and p >= 2, f"modular: p must be an int >= 2, got {p!r}")
+    choice("modular op", op, MODULAR_OPS)
+    check(op != "div" or _is_prime(p), f"modular: op 'div' needs a prime p (every b != 0 invertible), got p = {p}")
+    check(isinstance(train_fraction, (int, float)) and 0 < train_fraction < 1,
+          f"modular: train_fraction must be in (0, 1), got {train_fraction!r}")
+    a, b = torch.meshgrid(torch.arange(p), torch.arange(p), indexing="ij")
+    a, b = a.reshape(-1), b.reshape(-1)
+    if op == "div":
+        a, b = a[b > 0], b[b > 0]
+        inv = torch.tensor([pow(int(v), p - 2, p) for v in range(p)])
+        c = (a * inv[b]) % p
+    else:
+        c = {"add": a + b, "sub": a - b, "mul": a * b}[op] % p
+    x = torch.stack([a, b, torch.full_like(a, p)], 1).float()
+    order = torch.randperm(len(c), generator=torch.Generator().manual_seed(int(seed)))
+    n_tr = int(round(train_fraction * len(c)))
+    check(0 < n_tr < len(c), f"modular: train_fraction {train_fraction} of {len(c)} equations leaves an empty split")
+    tr, te = order[:n_tr].sort().values, order[n_tr:].sort().values
+    return Dataset("modular", x[tr].contiguous(), c[tr].contiguous(), x[te].contiguous(), c[te].contiguous(), p, (3,),
+                   {"p": p, "op": op, "train_fraction": float(train_fraction), "vocab": p + 1, "seq_len": 3,
+                    "seed": int(seed)})
+
+
 def _subset(n_avail: int, n: int | None, g: torch.Generator, what: str) -> torch.Tensor:
     if n is None:
         return torch.arange(n_avail)
@@ -282,7 +325,9 @@ def _subset(n_avail: int, n: int | None, g: torch.Generator, what: str) -> torch
 def load(name: str, *, n_train: int | None = None, n_test: int | None = None, seed: int = 0,
          data_dir: str | os.PathLike | None = None, **kwargs) -> Dataset:
     """Load a data set by name: ``fashion-mnist``, ``mnist``, ``cifar10`` (files from ``data_dir``,
-    ``$LOSSGLASS_DATA`` or the Debian folder), ``digits`` (scikit-learn's) or ``teacher`` (synthetic).
+    ``$LOSSGLASS_DATA`` or the Debian folder), ``digits`` (scikit-learn's), ``teacher`` (synthetic) or ``modular``
+    (modular arithmetic token sequences, generated: keywords ``p``, ``op``, ``train_fraction``, see :func:`modular`;
+    ``n_train``/``n_test`` then take seeded subsets of its two splits).
 
     Inputs are scaled x -> (x/255 - mu)/sigma with the scalar mean and standard deviation of the training
     set, flattened and float32. ``n_train``/``n_test`` take a deterministic random subset (``seed``).
@@ -290,6 +335,14 @@ def load(name: str, *, n_train: int | None = None, n_test: int | None = None, se
     choice("data set", name, NAMES)
     if name == "teacher":
         return teacher(n_train or 2000, n_test or 1000, seed=seed, **kwargs)
+    if name == "modular":
+        unknown = set(kwargs) - {"p", "op", "train_fraction"}
+        check(not unknown, f"unexpected arguments for 'modular': {sorted(unknown)} (it takes p, op, train_fraction)")
+        ds = modular(seed=seed, **kwargs)
+        g = torch.Generator().manual_seed(int(seed) + 1)
+        itr, ite = _subset(len(ds.y_train), n_train, g, "n_train"), _subset(len(ds.y_test), n_test, g, "n_test")
+        return Dataset(ds.name, ds.x_train[itr], ds.y_train[itr], ds.x_test[ite], ds.y_test[ite], ds.n_classes,
+                       ds.shape, ds.info)
     check(not kwargs, f"unexpected arguments for {name!r}: {sorted(kwargs)}")
     if name == "digits":
         from sklearn.datasets import load_digits

@@ -1,6 +1,8 @@
 """Networks and reference landscapes.
 
-``mlp`` builds the paper's single-hidden-layer ReLU network (any depth with a list). The reference
+``mlp`` builds the paper's single-hidden-layer ReLU network (any depth with a list); ``cnn`` a small Conv/BatchNorm
+stack; ``resnet`` a CIFAR-style residual network (He et al. 2016); ``transformer`` a small decoder for token tasks
+such as modular arithmetic (Power et al. 2022). The reference
 landscapes are energies with known answers, run through the same protocols as the networks:
 a quadratic bowl (convex, equipartition exact), a double well, the spherical p-spin glass and the
 Sherrington-Kirkpatrick Ising spin glass (``sk``, sampled by parallel tempering).
@@ -53,6 +55,196 @@ def cnn(in_shape: tuple[int, int, int] = (1, 28, 28), channels=(16, 32), n_class
     check(h > 0 and w > 0, f"input {in_shape} is too small for {len(channels)} pooling layers")
     layers += [nn.Flatten(), nn.Linear(c * h * w, n_classes)]
     return nn.Sequential(*layers)
+
+
+class BasicBlock(nn.Module):
+    """relu(BN(conv3x3(relu(BN(conv3x3(x))))) + shortcut(x)) (He et al. 2016, Fig. 2); the shortcut is the identity,
+    or a strided 1x1 convolution with BatchNorm when the shape changes (their option B)."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut: nn.Module = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+                                    if stride != 1 or c_in != c_out else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """The CIFAR ResNet of He et al. (2016, sec. 4.2) on flat inputs: Unflatten -> conv3x3(w) -> BN -> ReLU -> three
+    stages of n BasicBlocks with w, 2w, 4w channels (stride 2 at the start of stages 2 and 3) -> global average
+    pooling -> Linear. depth = 6n + 2 (ResNet-20: n = 3, the setting of Li et al. 2018's loss-surface figures).
+
+    ``lossglass_batchnorm = "recompute"``: a :class:`~lossglass.problem.Problem` normalises it with the statistics of
+    the whole training set at the evaluated point (as the CNN path), batched over replicas by grouped convolutions."""
+
+    lossglass_batchnorm = "recompute"
+
+    def __init__(self, depth: int = 20, width: int = 16, in_shape: tuple[int, int, int] = (3, 32, 32),
+                 n_classes: int = 10):
+        super().__init__()
+        check(isinstance(depth, int) and depth >= 8 and (depth - 2) % 6 == 0,
+              f"resnet depth must be 6n + 2 with n >= 1 (8, 14, 20, 32, 44, 56, 110), got {depth!r}")
+        check(isinstance(width, int) and width > 0, f"resnet width must be a positive int, got {width!r}")
+        check(len(in_shape) == 3 and all(isinstance(v, int) and v > 0 for v in in_shape),
+              f"in_shape must be (C, H, W) positive ints, got {in_shape}")
+        check(min(in_shape[1:]) >= 4, f"in_shape {in_shape} is too small for two stride-2 stages")
+        n = (depth - 2) // 6
+        self.unflatten = nn.Unflatten(1, tuple(in_shape))
+        self.conv = nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False)
+        self.bn = nn.BatchNorm2d(width)
+        blocks, c = [], width
+        for stage, c_out in enumerate((width, 2 * width, 4 * width)):
+            for j in range(n):
+                blocks.append(BasicBlock(c, c_out, 2 if stage > 0 and j == 0 else 1))
+                c = c_out
+        self.layers = nn.Sequential(*blocks)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(self.unflatten(x))))
+        h = self.pool(self.layers(h))
+        return self.fc(torch.flatten(h, 1))
+
+
+def resnet(depth: int = 20, width: int = 16, in_shape: tuple[int, int, int] = (3, 32, 32),
+           n_classes: int = 10) -> ResNet:
+    """A CIFAR-style ResNet of ``depth`` = 6n + 2 layers and base ``width`` (see :class:`ResNet`); ResNet-20 with
+    width 16 on CIFAR-10 has 0.27 M parameters (He et al. 2016, Table 6).
+
+    Example::
+
+        >>> net = resnet(8, 4, (1, 28, 28), 10)
+        >>> net(torch.zeros(2, 784)).shape
+        torch.Size([2, 10])
+    """
+    return ResNet(depth, width, tuple(int(v) for v in in_shape), n_classes)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention (Vaswani et al. 2017) with separate query, key, value and output projections:
+    head h attends with softmax(q_h k_h^T / sqrt(d_head) + causal mask) v_h, the heads are concatenated and mapped
+    by the output projection. Inputs and outputs are ``(N, T, d_model)``.
+
+    Its permutation symmetry is declared (:meth:`permutation_rule`), as tracing cannot see through the head
+    reshapes: whole heads (q, k, v rows and o columns in blocks of d_head), within every head the query/key
+    dimensions together (q_h . k_h is unchanged) and the value/output dimensions together (the same permutation in
+    every head), and the residual stream it reads (q, k, v columns) and writes (o rows)."""
+
+    def __init__(self, d_model: int, n_heads: int, causal: bool = True):
+        super().__init__()
+        check(d_model % n_heads == 0, f"d_model = {d_model} is not a multiple of n_heads = {n_heads}")
+        self.n_heads, self.d_head, self.causal = n_heads, d_model // n_heads, causal
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, d = x.shape
+        q = self.q(x).view(n, t, self.n_heads, self.d_head).transpose(1, 2)  # (N, H, T, dh)
+        k = self.k(x).view(n, t, self.n_heads, self.d_head).transpose(1, 2)
+        v = self.v(x).view(n, t, self.n_heads, self.d_head).transpose(1, 2)
+        s = q @ k.transpose(-2, -1) / math.sqrt(self.d_head)
+        if self.causal:
+            s = s.masked_fill(torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1), float("-inf"))
+        out = (s.softmax(-1) @ v).transpose(1, 2).reshape(n, t, d)
+        return self.o(out)
+
+    def permutation_rule(self) -> dict:
+        """The declared symmetry, names relative to this module (see :func:`lossglass.symmetry.derive_spec`):
+        ``in``: axes that read the input's features; ``out``: axes that write the output's features;
+        ``internal``: permutations of its own units. Entries (parameter, axis, block, outer): the axis holds
+        outer x n x block entries and the permutation acts on the n."""
+        dh, h = self.d_head, self.n_heads
+        proj = ("q", "k", "v")
+        return {
+            "in": [(f"{p}.weight", 1) for p in proj],
+            "out": [("o.weight", 0), ("o.bias", 0)],
+            "internal": {
+                "heads": [(f"{p}.{t}", 0, dh) for p in proj for t in ("weight", "bias")] + [("o.weight", 1, dh)],
+                "qk": [(f"{p}.{t}", 0, 1, h) for p in ("q", "k") for t in ("weight", "bias")],
+                "vo": [("v.weight", 0, 1, h), ("v.bias", 0, 1, h), ("o.weight", 1, 1, h)],
+            },
+        }
+
+
+class TransformerBlock(nn.Module):
+    """Pre-LayerNorm decoder block: x + attn(LN(x)), then x + W_2 act(W_1 LN(x))."""
+
+    def __init__(self, d_model: int, n_heads: int, d_mlp: int, activation: str = "relu", layernorm: bool = True):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.attn = Attention(d_model, n_heads)
+        self.ln2 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.fc1 = nn.Linear(d_model, d_mlp)
+        self.act = ACTIVATIONS[choice("activation", activation, tuple(ACTIVATIONS))]()
+        self.fc2 = nn.Linear(d_mlp, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x))
+        return x + self.fc2(self.act(self.fc1(self.ln2(x))))
+
+
+class Embedding(nn.Embedding):
+    """``nn.Embedding`` initialised N(0, std^2) (``reset_parameters``, so every replica draws its own)."""
+
+    def __init__(self, num: int, dim: int, std: float):
+        self.std = float(std)
+        super().__init__(num, dim)
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, 0.0, self.std)
+
+
+class Transformer(nn.Module):
+    """A small decoder on token sequences (GPT-style, pre-LN): token + position embeddings, ``n_layers``
+    :class:`TransformerBlock`, a final LayerNorm and an unembedding read at the last position.
+
+    Inputs are ``(N, T)`` token ids stored as floats (a lossglass :class:`~lossglass.datasets.Dataset` holds float
+    inputs; ids below 2^24 are exact in float32): the forward pass casts them to integers (``x.long()``) before the
+    embedding lookup, so the model also accepts integer tensors."""
+
+    def __init__(self, vocab: int, seq_len: int, n_classes: int, d_model: int = 128, n_heads: int = 4,
+                 n_layers: int = 1, d_mlp: int | None = None, activation: str = "relu", layernorm: bool = True):
+        super().__init__()
+        for k, v in dict(vocab=vocab, seq_len=seq_len, n_classes=n_classes, d_model=d_model, n_heads=n_heads,
+                         n_layers=n_layers).items():
+            check(isinstance(v, int) and v > 0, f"transformer: {k} must be a positive int, got {v!r}")
+        d_mlp = 4 * d_model if d_mlp is None else d_mlp
+        check(isinstance(d_mlp, int) and d_mlp > 0, f"transformer: d_mlp must be a positive int, got {d_mlp!r}")
+        self.vocab, self.seq_len = vocab, seq_len
+        self.tok = Embedding(vocab, d_model, d_model**-0.5)
+        self.pos = Embedding(seq_len, d_model, d_model**-0.5)
+        self.register_buffer("positions", torch.arange(seq_len), persistent=False)
+        self.blocks = nn.Sequential(*[TransformerBlock(d_model, n_heads, d_mlp, activation, layernorm)
+                                      for _ in range(n_layers)])
+        self.ln = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.unembed = nn.Linear(d_model, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.tok(x.long()) + self.pos(self.positions)
+        h = self.ln(self.blocks(h))
+        return self.unembed(h[:, -1])
+
+
+def transformer(vocab: int, seq_len: int, n_classes: int, *, d_model: int = 128, n_heads: int = 4, n_layers: int = 1,
+                d_mlp: int | None = None, activation: str = "relu", layernorm: bool = True) -> Transformer:
+    """A small decoder-only transformer reading the last position (see :class:`Transformer`): for the modular
+    arithmetic task of Power et al. (2022), ``vocab = p + 1`` (the residues and "="), ``seq_len = 3``, ``n_classes = p``.
+
+    Example::
+
+        >>> net = transformer(8, 3, 7, d_model=16, n_heads=2)
+        >>> net(torch.tensor([[1.0, 2.0, 7.0]])).shape
+        torch.Size([1, 7])
+    """
+    return Transformer(vocab, seq_len, n_classes, d_model=d_model, n_heads=n_heads, n_layers=n_layers, d_mlp=d_mlp,
+                       activation=activation, layernorm=layernorm)
 
 
 def quadratic(hessian: torch.Tensor, *, device: str = "cpu", dtype: torch.dtype = torch.float64) -> FunctionProblem:

@@ -25,6 +25,7 @@ from .datasets import Dataset
 from .errors import LossglassError, check, choice
 
 LOSSES = ("cross_entropy", "mse")
+BATCHNORM_MODES = ("auto", "recompute", "batch", "fixed", "module")
 _ACTS: dict[type, Callable[[torch.Tensor], torch.Tensor]] = {
     nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.GELU: F.gelu,
     nn.Identity: lambda z: z, nn.Flatten: lambda z: z,
@@ -68,6 +69,21 @@ def _mlp_plan(model: nn.Module) -> list | None:
         else:
             return None
     return plan if plan and plan[0][0] == "linear" else None
+
+
+def _probe(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output on ``x`` in eval mode, leaving its state as it was: the training flag and every buffer
+    (a training-mode call would move BatchNorm running statistics and count a batch)."""
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    was = model.training
+    try:
+        with torch.no_grad():
+            return model.eval()(x)
+    finally:
+        model.train(was)
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
 
 
 def _join(parts, k: int) -> torch.Tensor:
@@ -165,6 +181,17 @@ class Problem:
     evaluated together (a chunk then holds at least one BatchNorm batch, which can exceed ``memory_mb``). In every
     mode :meth:`grad`, :meth:`energy_and_grad`, :meth:`hvp` and :meth:`hvp_operator` are the exact derivatives of
     :meth:`energy`; for ``"recompute"`` they include the dependence of the statistics on theta.
+    Sequential stacks and free-form modules traced by torch.fx (residual networks, :class:`~lossglass.layers.Graph`)
+    support these modes. ``"module"``: the stored running statistics, eval mode (the generic vmap path); they are
+    canonical (0, 1) in the problem and a module's own are folded into its affine parameters
+    (:meth:`fold_statistics`), so each replica carries them. ``"auto"`` (default): ``"recompute"``, except for a
+    free-form module with BatchNorm that does not declare ``lossglass_batchnorm = "recompute"`` (lossglass's
+    :class:`~lossglass.models.ResNet` does): it keeps its stored statistics (``"module"``); ask for ``"recompute"``
+    explicitly to recompute them. The constructor's shape check runs the module in eval mode and leaves its buffers
+    as they were.
+
+    Inputs are the data set's float tensors; a model that embeds tokens casts them to integers itself (see
+    :class:`~lossglass.models.Transformer`).
 
     ``manifold`` is None: the parameters are unconstrained (a constrained subclass sets it, see :class:`Sphere`).
     """
@@ -172,7 +199,7 @@ class Problem:
     manifold: Sphere | None = None
 
     def __init__(self, model: nn.Module, dataset: Dataset, loss: str = "cross_entropy", device: str = "auto",
-                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0, batchnorm: str = "recompute",
+                 *, dtype: torch.dtype = torch.float32, memory_mb: float = 256.0, batchnorm: str = "auto",
                  bn_batch: int = 128):
         check(isinstance(model, nn.Module), f"model must be a torch.nn.Module, got {type(model).__name__}")
         check(isinstance(dataset, Dataset), f"dataset must be a lossglass Dataset, got {type(dataset).__name__}")
@@ -198,8 +225,7 @@ class Problem:
         }
         if getattr(dataset, "y_val", None) is not None and len(dataset.y_val):
             self.data["val"] = (dataset.x_val.to(self.device, dtype), dataset.y_val.to(self.device))
-        with torch.no_grad():
-            out = self.model(self.data["train"][0][:2])
+        out = _probe(self.model, self.data["train"][0][:2])
         check(out.ndim == 2 and out.shape[1] == dataset.n_classes,
               f"model outputs shape {tuple(out.shape)} for 2 inputs of size {dataset.in_dim}; expected "
               f"(2, {dataset.n_classes}) for {dataset.n_classes} classes")
@@ -209,22 +235,90 @@ class Problem:
             for r in raw]
         from . import layers
 
-        self._seq = layers.build(self.model, dataset.in_dim) if self._plan is None else None
-        self.batchnorm = choice("batchnorm mode", batchnorm, ("recompute", "batch", "fixed"))
+        mode = choice("batchnorm mode", batchnorm, BATCHNORM_MODES)
         check(isinstance(bn_batch, int) and bn_batch >= 2, f"bn_batch must be an int >= 2, got {bn_batch!r}")
         self.bn_batch = bn_batch
         self._frozen_stats: dict | None = None
+        has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules())
+        self._seq = None
+        if self._plan is None and mode != "module":
+            self._seq = layers.build(self.model, dataset.in_dim)
+            if self._seq is None and has_bn and (mode != "auto" or getattr(model, "lossglass_batchnorm", None)):
+                # a free-form module with BatchNorm: its traced graph, batched by grouped convolutions, so that the
+                # statistics can be recomputed at every point like those of a Sequential
+                self._seq, why = layers.build_graph(self.model, self.data["train"][0][:2])
+                check(self._seq is not None, f"batchnorm={batchnorm!r} needs the BatchNorm statistics of every "
+                      f"evaluated point, which lossglass computes on the traced graph of {type(model).__name__}, but "
+                      f"{why} is not supported there; use batchnorm='module' (the module's own stored statistics, "
+                      "config model.bn_stats = 'module')")
+        if mode == "auto":
+            mode = getattr(model, "lossglass_batchnorm", None) or "recompute"
+        self.batchnorm = mode
         self._bn = [i for i, o in enumerate(self._seq or []) if o.kind == "bn"]
-        if self._plan is None and self._seq is None and any(
-                isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            # a free-form module: vmap cannot update running statistics, so BatchNorm uses the module's own
-            # stored statistics everywhere (eval mode); recorded in self.batchnorm
-            self.model.eval()
+        if self._plan is None and self._seq is None and has_bn:
+            # a free-form module (or batchnorm='module'): vmap cannot update running statistics, so BatchNorm uses
+            # stored statistics everywhere (eval mode), recorded in self.batchnorm. They are made canonical (mean 0,
+            # variance 1) and a module's own statistics are folded into its affine parameters (flatten,
+            # import_checkpoints), so each replica carries its statistics and a channel permutation is a symmetry.
             self.batchnorm = "module"
-            self.buffers = {k: v for k, v in self.model.named_buffers()}
+            self._canonical_statistics()
+        if self._plan is None and self._seq is None:
+            self.model.eval()  # the generic path evaluates the deterministic function: dropout off
+        self.buffers = {k: v for k, v in self.model.named_buffers()}
         widths = [p.shape[0] for p in self.params if len(p.shape) == 2]
         widths += [math.prod(o.out_shape) for o in (self._seq or [])]
         self._width = max(widths + [dataset.n_classes])
+
+    def _canonical_statistics(self) -> None:
+        """Set every BatchNorm's running statistics to mean 0, variance 1 (module mode; see :meth:`fold_statistics`).
+        A layer without affine parameters keeps its statistics (nothing could carry them)."""
+        with torch.no_grad():
+            for m in self.model.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine and m.running_mean is not None:
+                    m.running_mean.zero_()
+                    m.running_var.fill_(1.0)
+
+    def fold_statistics(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
+                        source: str = "state") -> dict[str, torch.Tensor]:
+        """Parameters with a module's stored BatchNorm statistics folded into the affine parameters (module mode).
+
+        In eval mode BatchNorm is the per-channel affine map y = (h - m) w / sqrt(v + eps) + b. With the problem's
+        canonical statistics (m, v) = (0, 1) the same map is y = h w' / sqrt(1 + eps) + b' with
+
+            w' = w sqrt(1 + eps) / sqrt(v + eps),   b' = b - m w / sqrt(v + eps),
+
+        so every replica carries its own statistics in theta, and permutations, paths and walks move them with their
+        channels. Parameters of other layers, and layers whose ``buffers`` are missing, are returned unchanged; a
+        BatchNorm without affine parameters whose statistics differ from the problem's is refused (``source`` names
+        the file or module in the message). Returns a new dict; the identity outside module mode."""
+        if self.batchnorm != "module":
+            return dict(params)
+        out = dict(params)
+        for name, m in self.model.named_modules():
+            if not isinstance(m, nn.modules.batchnorm._BatchNorm) or m.running_mean is None:
+                continue
+            pre = f"{name}." if name else ""
+            mean, var = buffers.get(pre + "running_mean"), buffers.get(pre + "running_var")
+            if mean is None or var is None:
+                continue
+            mean, var = mean.to(self.device, torch.float64), var.to(self.device, torch.float64)
+            if not m.affine:
+                check(torch.allclose(mean, m.running_mean.double()) and torch.allclose(var, m.running_var.double()),
+                      f"{source}: BatchNorm {name!r} has no affine parameters to carry its running statistics, and "
+                      "they differ from the model's; lossglass cannot give each replica its own")
+                continue
+            check(bool((var >= 0).all()) and bool(torch.isfinite(mean).all()) and bool(torch.isfinite(var).all()),
+                  f"{source}: BatchNorm {name!r} has invalid running statistics (NaN, inf or negative variance)")
+            if pre + "weight" not in out or pre + "bias" not in out or out[pre + "weight"].shape != mean.shape:
+                continue  # flatten names what is missing or misshapen
+            ref_mean, ref_var = m.running_mean.double(), m.running_var.double()
+            w, b = out[pre + "weight"].detach(), out[pre + "bias"].detach()
+            dt = w.dtype
+            scale = torch.sqrt(ref_var + m.eps) / torch.sqrt(var + m.eps)
+            w64 = w.to(self.device, torch.float64)
+            out[pre + "weight"] = (w64 * scale).to(dt)
+            out[pre + "bias"] = (b.to(self.device, torch.float64) - (mean - ref_mean) * w64 / torch.sqrt(var + m.eps)).to(dt)
+        return out
 
     # ------------------------------------------------------------------ construction helpers
     @staticmethod
@@ -247,9 +341,13 @@ class Problem:
         return {p.name: theta[..., p.slice].reshape(*lead, *p.shape) for p in self.params}
 
     def flatten(self, params: dict[str, torch.Tensor] | nn.Module) -> torch.Tensor:
-        """A flat ``(P,)`` vector from a module or a ``{name: tensor}`` mapping (the inverse of unflatten)."""
+        """A flat ``(P,)`` vector from a module or a ``{name: tensor}`` mapping (the inverse of unflatten). In BatchNorm
+        module mode, running statistics found in the module (or the mapping) are folded in (:meth:`fold_statistics`)."""
         if isinstance(params, nn.Module):
-            params = dict(params.named_parameters())
+            params = self.fold_statistics(dict(params.named_parameters()), dict(params.named_buffers()),
+                                          type(params).__name__)
+        elif self.batchnorm == "module":
+            params = self.fold_statistics(params, params, "the state dict")
         missing = [p.name for p in self.params if p.name not in params]
         check(not missing, f"parameters missing: {missing}")
         parts = []
@@ -278,7 +376,8 @@ class Problem:
 
     def to_module(self, theta: torch.Tensor) -> nn.Module:
         """A standalone copy of the model holding the parameters ``theta`` (P,); BatchNorm running statistics are
-        set to the training-set statistics at theta, so ``model.eval()`` reproduces :meth:`evaluate`."""
+        set to the training-set statistics at theta (module mode: the problem's canonical ones, theta carrying the
+        folded statistics), so ``model.eval()`` reproduces :meth:`evaluate`."""
         m = copy.deepcopy(self.model)
         theta = theta.to(self.device, self.dtype).reshape(-1)
         with torch.no_grad():
@@ -286,10 +385,24 @@ class Problem:
                 m.get_parameter(name).copy_(t)
             if self._bn:
                 for i, (mean, var) in self.bn_statistics(theta.unsqueeze(0)).items():
-                    mod = self._seq[i].module
-                    getattr(m, self._seq[i].name).running_mean.copy_(mean.reshape(mod.running_mean.shape))
-                    getattr(m, self._seq[i].name).running_var.copy_(var.reshape(mod.running_var.shape))
+                    mod = m.get_submodule(self._seq[i].name)
+                    mod.running_mean.copy_(mean.reshape(mod.running_mean.shape))
+                    mod.running_var.copy_(var.reshape(mod.running_var.shape))
         return m
+
+    def _one_pass_statistics(self, theta: torch.Tensor) -> dict | None:
+        """:meth:`bn_statistics` in one forward pass when the training set is one chunk (each BatchNorm layer records
+        the statistics of its input, computed as the layer-by-layer procedure does, so the result is the same);
+        None when the data take several chunks."""
+        chunks = list(self._chunks("train", theta.shape[0]))
+        if len(chunks) != 1:
+            return None
+        from . import layers
+
+        record: dict = {}
+        with torch.no_grad():
+            layers.forward(self, self._seq, theta, chunks[0][0], record=record)
+        return {i: record[i] for i in self._bn}
 
     # ------------------------------------------------------------------ the batched forward pass
     def forward(self, theta: torch.Tensor, x: torch.Tensor, stats: dict | None = None, *,
@@ -332,6 +445,9 @@ class Problem:
         from . import layers
 
         k = theta.shape[0]
+        one = self._one_pass_statistics(theta)
+        if one is not None:
+            return one
         stats: dict = {}
         with torch.no_grad():
             for i in self._bn:
@@ -400,6 +516,115 @@ class Problem:
 
         return vmap(f, in_dims=(0, 0 if x.ndim == 3 else None))(params, x)
 
+    _ACT_BACKWARD = {torch.relu: lambda g, a: torch.ops.aten.threshold_backward(g, a, 0.0),
+                     torch.tanh: torch.ops.aten.tanh_backward, torch.sigmoid: torch.ops.aten.sigmoid_backward}
+
+    def _mlp_batch_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                        mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """:meth:`batch_loss_and_grad` for an MLP on per-replica batches ``x`` ``(K, B, D)``, by hand: the forward pass
+        of :meth:`_forward_mlp`, then its reverse pass written out (the same products autograd would run), each
+        gradient GEMM writing straight into its slice of one ``(K, P)`` tensor. No autograd graph, no per-parameter
+        leaves to join: this is the training step's whole cost besides the optimiser. None for activations without
+        a known derivative (autograd then)."""
+        plan = self._plan
+        acts = [op for kind, op in plan if kind == "act"]
+        if [kind for kind, _ in plan] != ["linear", "act"] * len(acts) + ["linear"] or any(
+                a not in self._ACT_BACKWARD for a in acts):
+            return None
+        k, b = x.shape[0], x.shape[1]
+        theta = theta.detach()
+        with torch.no_grad():
+            hs, pre = [x], []  # inputs of each linear layer; activation outputs
+            h = x
+            for i in range(len(plan) - 1):
+                kind, op = plan[i]
+                if kind == "linear":
+                    h = self._linear(theta, op, h)
+                else:
+                    h = op(h)
+                    pre.append((op, h))
+                if i + 1 < len(plan) and plan[i + 1][0] == "linear":
+                    hs.append(h)
+            last: _Linear = plan[-1][1]
+            w_last = self._param(theta, last.w)  # (K, C, H)
+            c = w_last.shape[1]
+            if last.b is None:
+                o = torch.bmm(w_last, h.transpose(1, 2))
+            else:
+                o = torch.baddbmm(self._param(theta, last.b).unsqueeze(-1), w_last, h.transpose(1, 2))  # (K, C, B)
+            yk = y.expand(k, b).unsqueeze(1)  # (K, 1, B)
+            if self.loss_name == "cross_entropy":
+                lse = torch.logsumexp(o, 1, keepdim=True)
+                per = (lse - o.gather(1, yk)).squeeze(1)  # (K, B)
+            else:
+                diff = o - F.one_hot(y.expand(k, b), c).to(o.dtype).transpose(1, 2)
+                per = 0.5 * diff.pow(2).sum(1)
+            loss = per.mean(1)
+            keep = torch.isfinite(loss) if mask is None else (mask & torch.isfinite(loss))
+            s = torch.where(keep, torch.full_like(loss, 1.0 / b), torch.zeros_like(loss)).view(k, 1, 1)
+            if self.loss_name == "cross_entropy":
+                do = torch.exp(o - lse).mul_(s)
+                do.scatter_add_(1, yk, (-s).expand(k, 1, b))
+            else:
+                do = diff.mul_(s)
+            do = torch.where(keep.view(k, 1, 1), do, 0.0)  # nothing from a masked or non-finite replica
+            g = torch.empty_like(theta)
+            torch.bmm(do, h, out=g[:, last.w.slice].view(k, *last.w.shape))
+            if last.b is not None:
+                torch.sum(do, 2, out=g[:, last.b.slice])
+            dh = torch.bmm(do.transpose(1, 2), w_last)  # (K, B, H)
+            layers = [op for kind, op in plan[:-1] if kind == "linear"]
+            for li in range(len(layers) - 1, -1, -1):
+                layer = layers[li]
+                op, a = pre[li]
+                dz = self._ACT_BACKWARD[op](dh, a)
+                torch.bmm(dz.transpose(1, 2), hs[li], out=g[:, layer.w.slice].view(k, *layer.w.shape))
+                if layer.b is not None:
+                    torch.sum(dz, 1, out=g[:, layer.b.slice])
+                if li > 0:
+                    dh = torch.bmm(dz, self._param(theta, layer.w))
+        return loss, g
+
+    def _fused_mlp1(self) -> tuple[_Linear, str, _Linear] | None:
+        """(first layer, activation, last layer) when the fused CPU kernel of :mod:`lossglass._native` applies: a
+        float32 single-hidden-layer MLP (Linear, ReLU, Linear) on the CPU with a compiled kernel for its classes."""
+        plan = self._plan
+        if (plan is None or len(plan) != 3 or plan[0][0] != "linear" or plan[2][0] != "linear"
+                or plan[1][0] != "act" or plan[1][1] is not torch.relu or self.dtype != torch.float32
+                or self.device.type != "cpu"):
+            return None
+        from . import _native
+
+        if _native.kernel(plan[2][1].w.shape[0]) is None:
+            return None
+        return plan[0][1], "relu", plan[2][1]
+
+    def _fused_sums(self, fused, wb: torch.Tensor, bb: torch.Tensor | None, coef: torch.Tensor, w2: torch.Tensor,
+                    b2: torch.Tensor, per_basis: int, x: torch.Tensor, y: torch.Tensor):
+        """Sums over the samples of ``x`` of the loss and of the correct flags per point (float64), by the fused
+        kernel: the first layer of B bases of J maps ``wb`` ``(B*J*H, D)`` (+ ``bb`` ``(B*J*H, 1)``) is one GEMM per
+        data chunk, the rest one pass per point (:func:`lossglass._native.mlp1_tail`). None if the kernel declines."""
+        from . import _native
+
+        first, act, _ = fused
+        h = first.w.shape[0]
+        rows = wb.shape[0]
+        j = coef.shape[1]
+        # a chunk's first-layer maps stay within a few MB (L3) where possible, whole super-blocks of samples
+        step = max(_native.SUPER, int(min(self.memory_mb, 8.0) * 2**20 // max(rows * 4, 1)) // _native.SUPER * _native.SUPER)
+        loss = torch.zeros(coef.shape[0], dtype=torch.float64)
+        corr = torch.zeros_like(loss)
+        for i in range(0, len(y), step):
+            xb, yb = x[i:i + step], y[i:i + step]
+            zt = torch.addmm(bb, wb, xb.T) if bb is not None else wb @ xb.T  # (B*J*H, n)
+            out = _native.mlp1_tail(zt.view(rows // (j * h), j, h, len(yb)), coef, w2, b2, yb, per_basis, act,
+                                    self.loss_name)
+            if out is None:
+                return None
+            loss += out[0]
+            corr += out[1]
+        return loss, corr
+
     def _loss(self, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Per-sample loss ``(K, N)`` for outputs ``(K, N, C)`` and labels ``(N,)`` or ``(K, N)``."""
         k, n, c = out.shape
@@ -444,6 +669,22 @@ class Problem:
         loss_sum = torch.zeros(k, device=self.device, dtype=torch.float64)
         correct = torch.zeros(k, device=self.device, dtype=torch.float64)
         n = 0
+        fused = self._fused_mlp1()
+        if fused is not None:  # single-hidden-layer float32 MLP on the CPU: first layer one GEMM, the rest fused
+            first, _, last = fused
+            x_all, y_all = self.data[choice("split", split, tuple(self.data))]
+            h, c = first.w.shape[0], last.w.shape[0]
+            with torch.no_grad():
+                wb = theta[:, first.w.slice].reshape(k * h, -1)
+                bb = theta[:, first.b.slice].reshape(k * h, 1) if first.b is not None else None
+                b2 = (theta[:, last.b.slice] if last.b is not None
+                      else torch.zeros(k, c, device=self.device, dtype=self.dtype))
+                out = self._fused_sums(fused, wb, bb, torch.ones(k, 1, dtype=self.dtype),
+                                       theta[:, last.w.slice].view(k, c, h), b2, 1, x_all, y_all)
+            if out is not None:
+                nn_ = max(len(y_all), 1)
+                res = {"loss": (out[0] / nn_).to(self.dtype), "accuracy": (out[1] / nn_).to(self.dtype)}
+                return {k_: v[0] for k_, v in res.items()} if single else res
         stats = self._eval_stats(theta)
         with torch.no_grad():
             for xb, yb in self._chunks(split, k):
@@ -554,6 +795,10 @@ class Problem:
                             mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-replica mini-batch loss ``(K,)`` and its gradient ``(K, P)``; replicas where ``mask`` is False
         (or whose loss is not finite) contribute nothing to the backward pass."""
+        if self._plan is not None and x is not None and x.ndim == 3:
+            out = self._mlp_batch_grad(theta, x, y, mask)
+            if out is not None:
+                return out
         parts = self.split(theta, leaf=True)
         loss = self.batch_loss(parts, x, y)
         grads = torch.autograd.grad(_masked_total(loss, mask), parts)
@@ -578,6 +823,10 @@ class Problem:
             chunks = list(self._chunks("train", 2 * k))
             _, out = jvp(lambda th: self._exact_bn_grad(th, chunks)[1], (theta.detach(),), (v.detach(),))
             return out[0] if single else out
+        op = self._mlp_hvp_operator(theta, cache=False)
+        if op is not None:
+            out = op(v)
+            return out[0] if single else out
         parts, vparts = self.split(theta, leaf=True), self.split(v)
         n_total = len(self.data["train"][1])
         stats = self._chunk_stats(theta)
@@ -590,11 +839,108 @@ class Problem:
         out = _join(acc, k)
         return out[0] if single else out
 
+    def _mlp_hvp_operator(self, theta: torch.Tensor, cache: bool = True) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """v -> H(theta) v for a ReLU MLP (no BatchNorm) by Pearlmutter's R-operator written out: the forward
+        quantities at theta (layer inputs, ReLU masks, softmax, output gradient, hidden-layer deltas) are computed
+        once, kept per data chunk when they fit in ``memory_mb`` (``cache``), and each product is one R-forward and
+        one R-backward pass: for one hidden layer two GEMMs with the data (X V1^T and R(dZ)^T X) and a few narrow
+        ones. The exact Hessian (ReLU'' = 0 almost everywhere, as autograd has it), without an autograd graph.
+        None for other models (the autograd paths)."""
+        plan = self._plan
+        if plan is None:
+            return None
+        acts = [op for kind, op in plan if kind == "act"]
+        if [kind for kind, _ in plan] != ["linear", "act"] * len(acts) + ["linear"] or any(
+                a is not torch.relu for a in acts):
+            return None
+        theta = theta.detach()
+        k = theta.shape[0]
+        lin = [op for kind, op in plan if kind == "linear"]
+        ws = [self._param(theta, l_.w) for l_ in lin]
+        c = lin[-1].w.shape[0]
+        n_total = len(self.data["train"][1])
+        chunks = list(self._chunks("train", k))
+        per_sample = k * (3 * sum(l_.w.shape[0] for l_ in lin[:-1]) + 3 * c) * 4
+        keep = cache and per_sample * n_total <= self.memory_mb * 2**20
+        ce = self.loss_name == "cross_entropy"
+
+        def wgrad(dz: torch.Tensor, h: torch.Tensor) -> torch.Tensor:  # sum_n dz_n h_n^T per replica: (K, out, in)
+            if h.ndim == 2:  # the shared data: one GEMM for all replicas
+                n, out = dz.shape[1], dz.shape[2]
+                return (dz.transpose(1, 2).reshape(k * out, n) @ h).view(k, out, -1)
+            return torch.bmm(dz.transpose(1, 2), h)
+
+        def forward(xb, yb):
+            with torch.no_grad():
+                hs, masks = [xb], []
+                h = xb
+                for i, l_ in enumerate(lin[:-1]):
+                    z = self._linear(theta, l_, h)
+                    masks.append(z > 0)
+                    h = torch.relu(z)
+                    hs.append(h)
+                o = self._output_layer(theta, lin[-1], h)  # (K, n, C)
+                onehot = F.one_hot(yb, c).to(o.dtype)
+                p = torch.softmax(o, -1) if ce else None
+                do = ((p if ce else o) - onehot) / n_total
+                dzs = []
+                dh = torch.bmm(do, ws[-1])
+                for i in range(len(lin) - 2, -1, -1):
+                    dz = dh * masks[i]
+                    dzs.insert(0, dz)
+                    if i > 0:
+                        dh = torch.bmm(dz, ws[i])
+                return hs, masks, p, do, dzs
+
+        saved = [forward(xb, yb) for xb, yb in chunks] if keep else None
+
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            v = v.to(self.device, self.dtype).reshape(theta.shape)
+            vs = [self._param(v, l_.w) for l_ in lin]
+            out = torch.zeros_like(theta)
+            with torch.no_grad():
+                for ci, (xb, yb) in enumerate(chunks):
+                    hs, masks, p, do, dzs = saved[ci] if saved is not None else forward(xb, yb)
+                    rhs = [None]  # R of each linear layer's input (the data: 0)
+                    for i, l_ in enumerate(lin[:-1]):
+                        rz = self._linear(v, l_, hs[i])
+                        if rhs[i] is not None:
+                            rz = rz + torch.bmm(rhs[i], ws[i].transpose(1, 2))
+                        rhs.append(rz * masks[i])
+                    ro = self._output_layer(v, lin[-1], hs[-1])
+                    if rhs[-1] is not None:
+                        ro = ro + torch.bmm(rhs[-1], ws[-1].transpose(1, 2))
+                    rdo = (p * (ro - (p * ro).sum(-1, keepdim=True)) if ce else ro) / n_total  # R of dE/do
+                    last = lin[-1]
+                    hw = torch.bmm(rdo.transpose(1, 2), hs[-1])
+                    if rhs[-1] is not None:
+                        hw += torch.bmm(do.transpose(1, 2), rhs[-1])
+                    out[:, last.w.slice] += hw.reshape(k, -1)
+                    if last.b is not None:
+                        out[:, last.b.slice] += rdo.sum(1)
+                    rdh = torch.bmm(rdo, ws[-1]) + torch.bmm(do, vs[-1])
+                    for i in range(len(lin) - 2, -1, -1):
+                        rdz = rdh * masks[i]
+                        hw = wgrad(rdz, hs[i])
+                        if rhs[i] is not None:
+                            hw += torch.bmm(dzs[i].transpose(1, 2), rhs[i])
+                        out[:, lin[i].w.slice] += hw.reshape(k, -1)
+                        if lin[i].b is not None:
+                            out[:, lin[i].b.slice] += rdz.sum(1)
+                        if i > 0:
+                            rdh = torch.bmm(rdz, ws[i]) + torch.bmm(dzs[i], vs[i])
+            return out
+
+        return mv
+
     def hvp_operator(self, theta: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """v -> H(theta) v for a fixed ``(K, P)`` theta. When the training set fits in one chunk, the gradient's
         graph is built once and each product is a single backward pass through it (what iterative solvers
         need); otherwise each product recomputes chunk by chunk (:meth:`hvp`), keeping memory bounded."""
         theta, _ = self._prepare(theta)
+        op = self._mlp_hvp_operator(theta)
+        if op is not None:
+            return op
         chunks = list(self._chunks("train", theta.shape[0]))
         if len(chunks) > 1 or self._needs_stat_derivative(theta.shape[0]):
             return lambda v: self.hvp(theta, v)
@@ -669,6 +1015,22 @@ class Problem:
         loss_sum = torch.zeros(m, g_total, device=self.device, dtype=torch.float64)
         correct = torch.zeros_like(loss_sum)
         x_all, y_all = self.data[choice("split", split, tuple(self.data))] if self.dataset is not None else (None, None)
+        fused = self._fused_mlp1() if self.dataset is not None else None
+        if fused is not None:  # one GEMM per basis vector and data chunk, then one fused pass per grid point
+            first, _, last = fused
+            j1, h, c = basis.shape[1], first.w.shape[0], last.w.shape[0]
+            with torch.no_grad():
+                wb = basis[:, :, first.w.slice].reshape(m * j1 * h, -1)
+                bb = basis[:, :, first.b.slice].reshape(m * j1 * h, 1) if first.b is not None else None
+                w2 = torch.bmm(cc_all, basis[:, :, last.w.slice]).reshape(m * g_total, c, h)
+                b2 = (torch.bmm(cc_all, basis[:, :, last.b.slice]).reshape(m * g_total, c) if last.b is not None
+                      else torch.zeros(m * g_total, c, device=self.device, dtype=self.dtype))
+                out = self._fused_sums(fused, wb, bb, cc_all.reshape(m * g_total, j1), w2, b2, g_total, x_all, y_all)
+            if out is not None:
+                n_total = max(len(y_all), 1)
+                res = {"loss": (out[0] / n_total).view(m, g_total).to(self.dtype),
+                       "accuracy": (out[1] / n_total).view(m, g_total).to(self.dtype)}
+                return {k: v[0] for k, v in res.items()} if single else res
         per_block = max(1, block // m)
         with torch.no_grad():
             for g0 in range(0, g_total, per_block):
@@ -714,7 +1076,7 @@ class Problem:
             if hasattr(ds, extra):
                 setattr(sub, extra, getattr(ds, extra))
         out = Problem(self.model, sub, loss=self.loss_name, device=str(self.device), dtype=self.dtype,
-                      memory_mb=self.memory_mb, batchnorm=self.batchnorm if self.batchnorm != "module" else "recompute",
+                      memory_mb=self.memory_mb, batchnorm=self.batchnorm,
                       bn_batch=self.bn_batch)
         if getattr(self, "spec", None) is not None:
             out.spec = self.spec

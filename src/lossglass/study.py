@@ -445,9 +445,9 @@ class Study:
 
         try:
             spec_of(self.problem)
-        except LossglassError:
+        except LossglassError as e:
             return ("the model's permutation symmetry is unknown: set model.spec = 'package.module:function' in the "
-                    "config (a function returning a lossglass.PermutationSpec)")
+                    f"config (a function returning a lossglass.PermutationSpec). Why: {e}")
         return None
 
     def stage_walk(self) -> dict:

@@ -22,23 +22,29 @@ from ._util import check_finite, generators, randn_per
 from .errors import check, choice
 from .problem import FunctionProblem, Problem
 
-OPTIMIZERS = ("sgd", "adam")
+OPTIMIZERS = ("sgd", "adam", "adamw")
 METHODS = ("sgd", "sam", "langevin", "replicated")
 
 
 @dataclass
 class Replicas:
-    """K trained networks: ``theta`` is ``(K, P)``; ``table`` has one row per replica."""
+    """K trained networks: ``theta`` is ``(K, P)``; ``table`` has one row per replica. ``snapshots`` ``(S, K, P)``
+    holds the replicas after each of ``snapshot_steps`` optimiser steps (``train(..., keep_at=...)``; step 0 is the
+    initialisation), or is None."""
 
     theta: torch.Tensor
     table: pd.DataFrame = field(default_factory=pd.DataFrame)
+    snapshots: torch.Tensor | None = None
+    snapshot_steps: list[int] = field(default_factory=list)
 
     def __len__(self) -> int:
         return int(self.theta.shape[0])
 
     def __getitem__(self, idx) -> Replicas:
         idx = torch.as_tensor(idx).reshape(-1)
-        return Replicas(self.theta[idx], self.table.iloc[idx.tolist()].reset_index(drop=True))
+        snaps = None if self.snapshots is None else self.snapshots[:, idx]
+        return Replicas(self.theta[idx], self.table.iloc[idx.tolist()].reset_index(drop=True), snaps,
+                        list(self.snapshot_steps))
 
     @property
     def alive(self) -> torch.Tensor:
@@ -103,13 +109,17 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
           seed: int = 0, replica_ids=None, theta0: torch.Tensor | None = None, rho: float = 0.05,
           temperature: float = 1e-5, gamma: tuple[float, float] = (1e-3, 1.0), lr_schedule: str = "constant",
           stop_at_loss: float | None = None, stop_at_accuracy: float | None = None,
-          checkpoint: str | os.PathLike | None = None, progress: bool = True, evaluate: bool = True) -> Replicas:
+          checkpoint: str | os.PathLike | None = None, progress: bool = True, evaluate: bool = True,
+          keep_at=None) -> Replicas:
     """Train K replicas of ``problem`` by mini-batch gradient descent, all in one vectorised loop.
 
     Update for replica a with gradient g_a of the mini-batch loss (+ weight_decay * theta_a, so the energy
     minimised, and sampled by ``"langevin"``, is E(theta) + weight_decay/2 |theta|^2):
       - ``optimizer="sgd"``: v <- momentum v + g; theta <- theta - lr v.
       - ``optimizer="adam"``: Kingma & Ba with (0.9, 0.999, 1e-8).
+      - ``optimizer="adamw"``: Adam with decoupled weight decay (Loshchilov & Hutter 2019): g has no decay term and
+        theta <- theta - lr weight_decay theta before the Adam step (the optimiser of the grokking experiments,
+        Power et al. 2022).
     ``method`` changes g_a:
       - ``"sgd"``: plain.
       - ``"sam"`` (Foret et al. 2021): g evaluated at theta + rho g / |g| (ascent step inside the rho-ball).
@@ -135,6 +145,9 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     ``stop_at_accuracy`` is frozen: it is never updated again while the others go on; training ends when
     none is left. The table records ``epochs_trained`` per replica and ``reached_stop``.
 
+    ``keep_at``: optimiser steps (0 = the initialisation) after which the replicas are kept, returned as
+    ``Replicas.snapshots`` (a replica stopped or frozen before a kept step is kept as it is then).
+
     ``checkpoint`` is a file where the full state is written atomically after every epoch; training started
     again with the same file resumes from it (bit-identical to an uninterrupted run).
     ``evaluate=False`` skips the final train/test evaluation (the table's metrics are then NaN).
@@ -148,7 +161,7 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     check(0 <= momentum < 1, f"momentum must be in [0, 1), got {momentum}")
     check(weight_decay >= 0, f"weight_decay must be >= 0, got {weight_decay}")
     check(rho > 0 and temperature >= 0, f"rho must be > 0 and temperature >= 0 (got {rho}, {temperature})")
-    check(not (method == "langevin" and optimizer == "adam"),
+    check(not (method == "langevin" and optimizer in ("adam", "adamw")),
           "method='langevin' needs optimizer='sgd': Adam's preconditioner has no correct noise scaling, so it would "
           "sample at a wrong, parameter-dependent temperature (use sgd with any momentum: SGHMC)")
     check(stop_at_loss is None or (isinstance(stop_at_loss, (int, float)) and math.isfinite(stop_at_loss)),
@@ -185,6 +198,10 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     epochs_trained = torch.zeros(k, dtype=torch.long)
     start_epoch, step = 0, 0
     total_steps = epochs * steps_per_epoch
+    keep = sorted({int(s_) for s_ in (keep_at or [])})
+    check(all(0 <= s_ <= total_steps for s_ in keep), f"keep_at steps must be in 0..{total_steps} (the last step of "
+          f"{epochs} epochs of {steps_per_epoch} steps), got {keep}")
+    kept: dict[int, torch.Tensor] = {}
 
     ckpt = Path(checkpoint) if checkpoint is not None else None
     st = _load_checkpoint(ckpt, theta.shape) if ckpt is not None else None
@@ -196,6 +213,9 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
         epochs_trained = st["epochs_trained"].long() if "epochs_trained" in st else torch.full((k,), start_epoch)
         for i, g in enumerate(batch_gens + noise_gens):
             g.set_state(st[f"rng.{i}"])
+        kept = {int(k_.split(".")[1]): v for k_, v in st.items() if k_.startswith("kept.")}
+    if 0 in keep and step == 0:
+        kept[0] = theta.detach().cpu().clone()
 
     bar = tqdm(total=total_steps, initial=step, desc=f"train {k} replicas", disable=not progress or None,
                leave=False, unit="step")
@@ -235,23 +255,28 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
             if method == "sam":
                 eps = rho * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
                 _, g = problem.batch_loss_and_grad(theta + eps, xb, yb, moving)
-            g = torch.where(moving.unsqueeze(1), g, 0)  # NaN rows can leak into a dead replica's gradient
-            if weight_decay:
+            all_moving = bool(moving.all())  # the common case: the masks below are the identity, skip their passes
+            if not all_moving:
+                g = torch.where(moving.unsqueeze(1), g, 0)  # NaN rows can leak into a dead replica's gradient
+            if weight_decay and optimizer != "adamw":
                 g = g.add(theta, alpha=weight_decay)
             if method == "replicated":
                 gam = gamma[0] * (gamma[1] / gamma[0]) ** frac
                 centre = theta[alive].mean(0, keepdim=True) if alive.any() else theta.mean(0, keepdim=True)
                 g = g + gam * (theta - centre)
-            g = torch.where(moving.unsqueeze(1), g, 0)  # frozen replicas (diverged or stopped) never move
+            if not all_moving:
+                g = torch.where(moving.unsqueeze(1), g, 0)  # frozen replicas (diverged or stopped) never move
             lr_t = (lrs * scale).unsqueeze(1)
             if optimizer == "sgd":
-                buf1.mul_(momentum).add_(g)
+                torch.add(g, buf1, alpha=momentum, out=buf1)  # v <- momentum v + g, one pass
                 if method == "langevin":  # SGHMC: the noise goes into the velocity (see the docstring)
                     xi = randn_per(noise_gens, problem.n_params, dev, dt)
                     amp = torch.where(lr_t > 0, (2 * (1 - momentum) * temperature / lr_t.clamp_min(1e-300)).sqrt(), 0)
                     buf1.sub_(xi * (amp * moving.unsqueeze(1)))
                 theta.addcmul_(buf1, lr_t, value=-1)
             else:
+                if optimizer == "adamw" and weight_decay:  # decoupled decay; frozen replicas never move
+                    theta.mul_(1 - lr_t * weight_decay * moving.unsqueeze(1))
                 buf1.mul_(0.9).add_(g, alpha=0.1)
                 buf2.mul_(0.999).addcmul_(g, g, value=0.001)
                 t = step + 1
@@ -261,6 +286,8 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
             if projected is not theta:
                 theta = torch.where(moving.unsqueeze(1), projected, theta)
             step += 1
+            if step in keep:
+                kept[step] = theta.detach().cpu().clone()
             bar.update(1)
             if s % 20 == 0:
                 bar.set_postfix(loss=f"{loss[moving].mean().item():.4f}" if moving.any() else "all stopped")
@@ -274,13 +301,17 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
             _save_checkpoint(ckpt, {"theta": theta, "buf1": buf1, "buf2": buf2, "alive": alive.to(torch.uint8),
                                     "diverged_at": diverged_at, "epoch": torch.tensor(epoch + 1),
                                     "step": torch.tensor(step), "done": done.to(torch.uint8),
-                                    "epochs_trained": epochs_trained}, batch_gens + noise_gens)
+                                    "epochs_trained": epochs_trained,
+                                    **{f"kept.{k_}": v for k_, v in kept.items()}}, batch_gens + noise_gens)
     bar.close()
+    for s_ in keep:  # steps after every replica stopped: they stay where they are
+        kept.setdefault(s_, theta.detach().cpu().clone())
+    snaps = torch.stack([kept[s_] for s_ in keep]) if keep else None
     return Replicas(theta.detach(), _table(problem, theta, ids, seed, dict(
         epochs=epochs, batch_size=batch_size, optimizer=optimizer, method=method, momentum=momentum,
         weight_decay=weight_decay, stop_at_loss=math.nan if stop_at_loss is None else float(stop_at_loss),
         stop_at_accuracy=math.nan if stop_at_accuracy is None else float(stop_at_accuracy)),
-        lrs, alive, diverged_at, evaluate, epochs_trained=epochs_trained, reached=(done & alive).cpu()))
+        lrs, alive, diverged_at, evaluate, epochs_trained=epochs_trained, reached=(done & alive).cpu()), snaps, keep)
 
 
 def _reached(problem: Problem, theta: torch.Tensor, active: torch.Tensor, stop_at_loss: float | None,
