@@ -42,11 +42,14 @@ def main() -> None:
         page_file = write_dashboard([a.runs], Path(tmp) / "dashboard.html")
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=shutil.which("chromium"), args=ARGS)
-            page = browser.new_page(viewport={"width": 1500, "height": 560}, device_scale_factor=1)
+            page = browser.new_page(viewport={"width": 1900, "height": 800}, device_scale_factor=1)
             _after(page, lambda: page.goto(page_file.as_uri()))
             page.click("#overview th[data-key='acc_best']")
             page.click("#overview th[data-key='acc_best']")
-            page.screenshot(path=str(out / "dashboard-overview.png"))
+            box = page.locator("#overview").bounding_box()
+            page.screenshot(path=str(out / "dashboard-overview.png"),
+                            clip={"x": 0, "y": 0, "width": min(1900, box["x"] + box["width"] + 24),
+                                  "height": box["y"] + box["height"] + 24})
             page.set_viewport_size({"width": 1500, "height": 1000})
             _after(page, lambda: page.evaluate(f"location.hash = '#run/{run_id(run)}'"))
             for name in ("plane_through_surface", "plane_random_surface"):

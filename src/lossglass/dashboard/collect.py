@@ -23,9 +23,9 @@ LAYERS = (("train", "Replicas", train), ("walk", "Protocol 1 — random walks an
 
 #: overview columns: key, heading, numeric (sorts as a number)
 COLUMNS = (("name", "run", False), ("status", "status", False), ("model", "model", False), ("data", "data", False),
-           ("replicas", "replicas", True), ("acc_best", "test accuracy, best (%)", True),
-           ("acc_median", "test accuracy, median (%)", True), ("radius", "basin radius", True),
-           ("barrier_aligned", "aligned barrier (nats)", True), ("verdict", "ultrametricity", False),
+           ("replicas", "replicas", True), ("acc_best", "test acc. best %", True),
+           ("acc_median", "test acc. median %", True), ("radius", "basin radius", True),
+           ("barrier_aligned", "aligned barrier", True), ("verdict", "ultrametricity", False),
            ("predictor", "best flatness predictor", False), ("ship", "model to ship", False))
 
 #: the side-by-side overlays: key, title, x axis, y axis (log?), caption

@@ -241,14 +241,15 @@ def plane_surface_plotly(d: PlaneData):
 
     mx, my, labels, hover = _marks(d)
     mz = [d.z_at(x, y) for x, y in zip(mx, my)]
-    lift = 0.02 * float(np.nanmax(d.z) - np.nanmin(d.z)) if np.isfinite(d.z).any() else 0.0
+    lift = 0.04 * float(np.nanmax(d.z) - np.nanmin(d.z)) if np.isfinite(d.z).any() else 0.0
     traces = [go.Surface(x=d.xs, y=d.ys, z=d.z.T, surfacecolor=_log10(d.z).T, colorscale="Viridis",
                          colorbar={"title": {"text": "log10 loss"}}, opacity=0.95,
                          contours={"z": {"show": True, "usecolormap": True, "project": {"z": True}, "width": 1}},
                          hovertemplate="x = %{x:.3f}, y = %{y:.3f}<br>loss = %{z:.4g}<extra></extra>"),
               go.Scatter3d(x=mx, y=my, z=[z + lift for z in mz], mode="markers+text", text=labels, hovertext=hover,
-                           hoverinfo="text", marker={"size": 6, "color": "red", "symbol": "diamond",
-                                                     "line": {"color": "black", "width": 1}},
+                           hoverinfo="text", textposition="top center", textfont={"size": 13, "color": "black"},
+                           marker={"size": 7, "color": "#D55E00", "symbol": "diamond", "line": {"color": "black",
+                                                                                                 "width": 1}},
                            name="replicas", showlegend=False)]
     fig = go_figure(traces, height=480, margin={"l": 0, "r": 0, "t": 10, "b": 0})
     fig.update_layout(scene={"xaxis": {"title": {"text": "direction 1"}}, "yaxis": {"title": {"text": "direction 2"}},
