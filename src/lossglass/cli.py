@@ -90,7 +90,11 @@ def cmd_stage(a) -> int:
         return 0
     if a.redo:
         study.invalidate(a.command)
-    stages = (a.command,) if a.no_report else (a.command, "report")
+    from .study import STAGES, dependents
+
+    # the stages that depend on this one are redone too (their results were made from the old ones)
+    later = tuple(s for s in STAGES if s in dependents(a.command) and s not in (a.command, "report"))
+    stages = (a.command, *later) + (() if a.no_report else ("report",))
     if not a.no_report and not a.quiet:
         print("(report.html is rebuilt afterwards, a few seconds; --no-report skips it)", file=sys.stderr)
     study.run(stages, allow=(a.command,))

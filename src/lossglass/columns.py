@@ -100,7 +100,8 @@ TABLES: dict[str, dict[str, str]] = {
     "kendall": {"measure": "flatness measure", "target": "gap_error, gap_loss or test_error",
                 "kendall_tau": "Kendall's tau across replicas (positive: sharper -> larger target; local entropy "
                                "negated)", "ci_low": "95% bootstrap interval, low", "ci_high": "95% bootstrap interval, high",
-                "p_value": "two-sided p-value (assumes independent replicas)", "n": "replicas with finite values"},
+                "p_value": "two-sided p-value (assumes independent replicas)", "n": "replicas with finite values",
+                "excluded_coupled": "replicated-SGD replicas left out (coupled by design, not independent)"},
     "proxy_validation": {"measure": "proxy", "target": "the full measure it stands for",
                          "kendall_tau": "rank agreement of proxy and full measure", "ci_low": "95% interval, low",
                          "ci_high": "95% interval, high", "p_value": "two-sided p-value", "n": "replicas"},

@@ -122,6 +122,12 @@ def select(store: RunStore, problem=None, strategy: str | None = None, *, measur
         raise LossglassError("no validation split: set data.n_val (samples carved out of the training set) so that "
                              "the validation split chooses and the test split only grades")
     ok = reps[~reps["diverged"].astype(bool)].reset_index(drop=True) if "diverged" in reps else reps
+    # replicas coupled by design (replicated SGD) are not independent draws: their spread is not seed-to-seed
+    # variability, so the resampling (which assumes independent replicas) uses the others when there are enough
+    coupled_mask = (ok["method"] == "replicated").to_numpy() if "method" in ok else np.zeros(len(ok), bool)
+    n_coupled = int(coupled_mask.sum())
+    if n_coupled and (~coupled_mask).sum() >= 3:
+        ok = ok[~coupled_mask].reset_index(drop=True)
     check(len(ok) >= 3, f"model selection needs at least 3 replicas that did not diverge, got {len(ok)}")
     if flat_tab is not None:
         check(measure in flat_tab, f"select.measure = {measure!r} is not a column of the flatness table "
@@ -168,6 +174,7 @@ def select(store: RunStore, problem=None, strategy: str | None = None, *, measur
                   "test_accuracy": float(row.loc[strategy, "picked_test_accuracy"])}
     flat_rule = strategy if strategy in ("flattest", "flattest-within-1se") else "flattest-within-1se"
     decision = {"strategy": strategy, "measure": measure, "coupled": coupled, **chosen, "flat_rule": flat_rule,
+                "excluded_coupled": n_coupled if not coupled else 0,
                 "verdict": None if coupled or flat_tab is None else verdict(table.iloc[:len(STRATEGIES)], flat_rule),
                 "expected": {s: float(row.loc[s, "expected_test_accuracy"]) for s in STRATEGIES},
                 "gain": {s: [float(row.loc[s, c]) for c in ("gain_vs_best_val", "gain_ci_low", "gain_ci_high")]
@@ -240,6 +247,9 @@ def explain(d: dict) -> str:
          f"{d['val_accuracy'] * 100:.2f}%, test accuracy {d['test_accuracy'] * 100:.2f}% (the test split only grades; "
          f"pool of {d['n_replicas']} replicas: median {d['test_accuracy_median'] * 100:.2f}%, best "
          f"{d['test_accuracy_max'] * 100:.2f}%)."]
+    if d.get("excluded_coupled"):
+        s.append(f"The {d['excluded_coupled']} replicas trained with replicated SGD are coupled by design, so they were "
+                 "left out of the choice (its intervals assume independent replicas).")
     e = d["expected"]
     s.append(f"Choosing from random sub-pools of {d['pool']} replicas ({d['n_resamples']} draws), the expected test "
              f"accuracy is {e['best-val'] * 100:.2f}% by validation accuracy alone, "

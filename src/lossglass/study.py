@@ -30,13 +30,15 @@ from .problem import Problem
 from .store import RunStore
 from .train import Replicas, train
 
-STAGES = ("train", "walk", "connect", "replicas", "curvature", "select", "reference", "report")
+STAGES = ("train", "timeline", "walk", "connect", "replicas", "curvature", "select", "reference", "report")
 #: what each stage's results depend on: config sections and earlier stages (a stage is redone, with everything that
 #: depends on it, when the fingerprint of these inputs changes)
-SECTIONS = {"train": ("seed", "device", "data", "model", "train"), "walk": ("walk",), "connect": ("connect", "train"),
+SECTIONS = {"train": ("seed", "device", "data", "model", "train"), "timeline": ("timeline",), "walk": ("walk",),
+            "connect": ("connect", "train"),
             "replicas": ("replicas",), "curvature": ("curvature",), "select": ("select",),
             "reference": ("seed", "reference"), "report": ()}
-DEPENDS = {"train": (), "walk": ("train",), "connect": ("train",), "replicas": ("train",), "curvature": ("train",),
+DEPENDS = {"train": (), "timeline": ("train",), "walk": ("train",), "connect": ("train",), "replicas": ("train",),
+           "curvature": ("train",),
            "select": ("train", "curvature"), "reference": (), "report": ()}
 
 
@@ -74,6 +76,8 @@ def build_dataset(cfg: StudyConfig) -> Dataset:
         from .byo import dataset_from_factory
 
         ds = dataset_from_factory(d.factory)
+    elif d.name == "modular":  # generated; its split is train_fraction of all equations
+        ds = load("modular", p=d.p, op=d.op, train_fraction=d.train_fraction, seed=cfg.seed)
     else:
         ds = load(d.name, n_train=d.n_train, n_test=d.n_test, seed=cfg.seed, data_dir=d.data_dir)
     return ds.with_validation(d.n_val, cfg.seed)
@@ -90,6 +94,19 @@ def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None)
 
         check(len(ds.shape) == 3, f"model.arch = 'cnn' needs image data; {ds.name} has input shape {ds.shape}")
         model = cnn(tuple(ds.shape), cfg.model.channels, ds.n_classes, batchnorm=cfg.model.batchnorm)
+    elif cfg.model.arch == "resnet" and hidden is None:
+        from .models import resnet
+
+        check(len(ds.shape) == 3, f"model.arch = 'resnet' needs image data; {ds.name} has input shape {ds.shape}")
+        model = resnet(cfg.model.depth, cfg.model.width, tuple(ds.shape), ds.n_classes)
+    elif cfg.model.arch == "transformer" and hidden is None:
+        from .models import transformer
+
+        check("vocab" in ds.info, f"model.arch = 'transformer' needs token data (data.name = 'modular', or a data "
+              f"set whose info names its 'vocab'); {ds.name} has none")
+        m = cfg.model
+        model = transformer(int(ds.info["vocab"]), ds.in_dim, ds.n_classes, d_model=m.d_model, n_heads=m.n_heads,
+                            n_layers=m.n_layers, d_mlp=m.d_mlp, activation=m.activation)
     else:
         model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
     try:
@@ -421,11 +438,18 @@ class Study:
         if len(tasks) > 1:
             log(f"train: {len(tasks)} tasks on the {self.executor.name} executor")
         paths = self._map(train_task, tasks, "train")
-        thetas, tables = [], []
+        thetas, tables, snaps = [], [], []
         for p in paths:
             t = self.store.read_tensors(p)
             thetas.append(t["theta"])
             tables.append(self.store.read_table(p))
+            if "snapshots" in t:
+                snaps.append((t["snapshots"], t["snapshot_steps"]))
+        if snaps and all(torch.equal(st, snaps[0][1]) for _, st in snaps):
+            self.store.write_tensors("snapshots", {"theta": torch.cat([sn for sn, _ in snaps], 1),
+                                                   "steps": snaps[0][1]})
+        elif snaps:
+            log("train: the groups keep snapshots at different steps (their lengths differ): no timeline")
         theta = torch.cat(thetas)
         table = pd.concat(tables, ignore_index=True)
         table["source"] = "trained"
@@ -438,6 +462,23 @@ class Study:
 
     def _alive(self) -> Replicas:
         return alive_replicas(self.store, self.problem)
+
+    def stage_timeline(self) -> dict:
+        """The landscape over training time: at every snapshot kept by ``train.keep_at``, the light protocols of
+        :func:`timeline_task` (one task per snapshot), gathered into the table ``timeline`` (one row per step and
+        replica, and per step and pair; columns :data:`TIMELINE_COLUMNS`)."""
+        if not self.store.has_tensors("snapshots"):
+            return {"skipped": "no snapshots: set train.keep_at (a list of steps, or 'log') to keep the replicas during "
+                               "training"}
+        steps = self.store.read_tensors("snapshots")["steps"].tolist()
+        tag = self.fingerprint("timeline")[:10]
+        tasks = [(self.cfg.model_dump_json(), str(self.store.path), i, self.bars, tag) for i in range(len(steps))]
+        names = self._map(timeline_task, tasks, "timeline")
+        df = pd.concat([self.store.read_table(n) for n in names], ignore_index=True)
+        df = df[[c for c in TIMELINE_COLUMNS if c in df] + [c for c in df if c not in TIMELINE_COLUMNS]]
+        self.store.write_table("timeline", df)
+        self.discard_partial("timeline")
+        return {"steps": steps}
 
     def _spec_missing(self) -> str | None:
         """Why the permutation protocols cannot run on this model (None when they can)."""
@@ -623,8 +664,13 @@ class Study:
                               entropy_epsilon=c.entropy_epsilon, seed=self.cfg.seed)
         steps.update(1)
         self.store.write_table("flatness", df)
-        taus = pd.concat([K.rank_correlations(df, target=t, seed=self.cfg.seed) for t in ("gap_error", "gap_loss",
-                                                                                            "test_error")])
+        # Kendall's p-values and bootstrap intervals assume independent replicas: replicated-SGD replicas are coupled
+        # by design, so they are left out of the rank correlations (and counted) when enough others remain
+        coupled = df["method"].eq("replicated") if "method" in df else pd.Series(False, index=df.index)
+        indep = df[~coupled] if coupled.any() and (~coupled).sum() >= 3 else df
+        taus = pd.concat([K.rank_correlations(indep, target=t, seed=self.cfg.seed) for t in ("gap_error", "gap_loss",
+                                                                                               "test_error")])
+        taus["excluded_coupled"] = int(len(df) - len(indep))
         self.store.write_table("kendall", taus)
         # the cheap proxies against the full measures they stand for, on the same replicas
         pv = [K.rank_correlations(df, measures=[m], target=t, seed=self.cfg.seed)
@@ -896,16 +942,116 @@ def train_task(cfg_json: str, out: str, group: int, first: int, last: int, progr
     ckpt.parent.mkdir(exist_ok=True)
     maybe_fail_once(f"train-{group}-{first}")
     extra = {k: getattr(c, k) for k in ("stop_at_loss", "stop_at_accuracy") if getattr(c, k) is not None}
-    rep = train(problem, last - first, epochs=grp.get("epochs", c.epochs), batch_size=grp.get("batch_size", c.batch_size),
+    epochs, batch_size = grp.get("epochs", c.epochs), grp.get("batch_size", c.batch_size)
+    keep = keep_steps(c.keep_at, c.keep_points, epochs * max(1, len(problem.dataset.y_train) // batch_size))
+    rep = train(problem, last - first, epochs=epochs, batch_size=batch_size,
                 lr=grp.get("lr", c.lr), optimizer=grp.get("optimizer", c.optimizer), method=grp.get("method", c.method),
                 momentum=c.momentum, weight_decay=c.weight_decay, seed=cfg.seed, replica_ids=range(first, last),
                 rho=c.rho, temperature=c.temperature, lr_schedule=c.lr_schedule, checkpoint=ckpt,
-                progress=progress, **extra)
+                progress=progress, keep_at=keep, **extra)
     rep.table["group"] = group
     rep.table["device"] = str(problem.device)
-    store.write_tensors(name, {"theta": rep.theta.cpu()})
+    kept = {} if rep.snapshots is None else {"snapshots": rep.snapshots.contiguous(),
+                                             "snapshot_steps": torch.tensor(rep.snapshot_steps, dtype=torch.int64)}
+    store.write_tensors(name, {"theta": rep.theta.cpu(), **kept})
     store.write_table(name, rep.table)
     return name
+
+
+def keep_steps(keep_at, points: int, total: int) -> list[int]:
+    """The optimiser steps whose snapshots training keeps: ``keep_at`` as given, or for ``"log"`` ``points``
+    log-spaced steps from 0 (the initialisation) to ``total`` (the last step), duplicates merged."""
+    if keep_at != "log":
+        return sorted({int(v) for v in keep_at})
+    if total < 1:
+        return [0]
+    grid = np.unique(np.round(np.logspace(0, np.log10(total), max(points - 1, 1))).astype(int))
+    return sorted({0, *grid.tolist(), total})
+
+
+def timeline_task(cfg_json: str, out: str, index: int, progress: bool = False, tag: str = "") -> str:
+    """The light protocols at the ``index``-th kept snapshot (a task): train/test loss and accuracy, lambda_max,
+    the basin radius of a short walk, naive and aligned barriers and overlaps of replica pairs, the mean aligned
+    overlap. Writes one table (rows per replica and per pair) and returns its name."""
+    from .config import StudyConfig
+    from .protocols import connect as C
+    from .protocols import curvature as K
+    from .protocols import replicas as R
+    from .protocols import walk as W
+    from .symmetry import align, spec_of
+
+    cfg = StudyConfig.model_validate_json(cfg_json)
+    store = RunStore(out, stage="timeline")
+    name = f"tasks/timeline-{tag}-{index}"
+    if store.has_table(name):
+        return name
+    c = cfg.timeline
+    prob = build_problem(cfg)
+    snaps = store.read_tensors("snapshots")
+    step = int(snaps["steps"][index])
+    rep = load_replicas(store)
+    alive = torch.nonzero(rep.alive).flatten()
+    check(len(alive) > 0, "every replica diverged: nothing to measure")
+    theta = snaps["theta"][index][alive].to(prob.device, prob.dtype)
+    ids = rep.table["replica"].to_numpy()[alive.numpy()]
+    check(bool(torch.isfinite(theta).all()), f"a snapshot at step {step} holds NaN or inf")
+    if prob._bn and prob.batchnorm == "fixed":
+        prob.freeze_batchnorm(theta[0])
+    sub = prob.subset(c.n_data)
+    tr, te = prob.evaluate(theta, "train"), prob.evaluate(theta, "test")
+    lam = K.top_eigenvalues(sub, theta, k=1, tol=c.tol, seed=cfg.seed).values[:, 0]
+    walk = W.random_walk(sub, theta, n_walkers=c.walkers, steps=c.walk_steps, step_size=c.step_size,
+                         normalize=c.normalize, record_every=c.walk_steps, seed=cfg.seed, progress=progress)
+    br = W.basin_radius(walk, [c.delta])
+    starts = walk.start_index.numpy()
+    dist = br["radius"].fillna(br["censor_distance"]).to_numpy()
+    radius = [W.km_quantile(dist[starts == j], ~br["censored"].to_numpy()[starts == j]) for j in range(len(theta))]
+    norms = theta.norm(dim=1).cpu().double().numpy()
+    rows = pd.DataFrame({"step": step, "kind": "replica", "replica": ids, "a": -1, "b": -1,
+                         "train_loss": tr["loss"].cpu().numpy(), "train_accuracy": tr["accuracy"].cpu().numpy(),
+                         "test_loss": te["loss"].cpu().numpy(), "test_accuracy": te["accuracy"].cpu().numpy(),
+                         "weight_norm": norms, "lambda_max": lam.cpu().numpy(),
+                         "basin_radius": [r for r, _ in radius],
+                         "basin_radius_relative": [r / n for (r, _), n in zip(radius, norms)],
+                         "basin_radius_lower_bound": [lb for _, lb in radius]})
+    try:
+        spec_of(prob)
+        symmetric = True
+    except LossglassError:
+        symmetric = False
+    m = min(c.pairs, len(theta) // 2)
+    if m:
+        a, b = theta[0:2 * m:2], theta[1:2 * m:2]
+        b_al = torch.stack([align(prob, a[i], b[i])[0] for i in range(m)]) if symmetric else b
+        naive, al = C.interpolate(prob, a, b, n_points=c.n_points), C.interpolate(prob, a, b_al, n_points=c.n_points)
+
+        def cos(u, v):
+            return ((u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))).cpu().double().numpy()
+
+        nan = np.full(m, np.nan)
+        pairs = pd.DataFrame({"step": step, "kind": "pair", "replica": -1, "a": ids[0:2 * m:2], "b": ids[1:2 * m:2],
+                              "barrier_naive": [p.barrier for p in naive],
+                              "barrier_aligned": [p.barrier for p in al] if symmetric else nan,
+                              "barrier_test_naive": [p.barrier_test for p in naive],
+                              "barrier_test_aligned": [p.barrier_test for p in al] if symmetric else nan,
+                              "q_raw": cos(a, b), "q_aligned": cos(a, b_al) if symmetric else nan})
+        rows = pd.concat([rows, pairs], ignore_index=True)
+    if len(theta) >= 2:
+        iu = np.triu_indices(len(theta), 1)
+        rows["q_raw_mean"] = float(R.overlaps(prob, theta, align=False).numpy()[iu].mean())
+        rows["q_aligned_mean"] = (float(R.overlaps(prob, theta, align=True).numpy()[iu].mean()) if symmetric
+                                  else np.nan)
+    rows["basin_radius_lower_bound"] = rows["basin_radius_lower_bound"].astype("boolean")
+    rows["n_data"] = len(sub.dataset.y_train)
+    rows["delta"] = c.delta
+    store.write_table(name, rows)
+    return name
+
+
+TIMELINE_COLUMNS = ("step", "kind", "replica", "a", "b", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                    "weight_norm", "lambda_max", "basin_radius", "basin_radius_relative", "basin_radius_lower_bound",
+                    "barrier_naive", "barrier_aligned", "barrier_test_naive", "barrier_test_aligned", "q_raw",
+                    "q_aligned", "q_raw_mean", "q_aligned_mean", "n_data", "delta")
 
 
 def _cosine_np(x: np.ndarray) -> np.ndarray:
