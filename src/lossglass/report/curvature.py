@@ -75,13 +75,29 @@ def spectral_data(view: RunView) -> dict[str, pd.DataFrame]:
     return out
 
 
+def declared_measure(view: RunView) -> str:
+    """The flatness measure declared in advance (config ``select.measure``), the one ``lossglass select`` uses."""
+    sel = view.config.get("select", {})
+    return str(sel.get("measure", "sharpness_average")) if isinstance(sel, dict) else "sharpness_average"
+
+
 def best_predictor(view: RunView) -> pd.Series | None:
-    """The kendall row (target: the gap) with the largest |tau|."""
+    """The Kendall row (target: the gap) of the measure declared in advance (``select.measure``), the same measure
+    ``lossglass select`` ranks by; picking the largest tau on these replicas would be a winner's curse."""
+    k = view.table("kendall")
+    if k is None or "target" not in k:
+        return None
+    kk = k[(k["target"] == "gap_error") & (k["measure"] == declared_measure(view))]
+    return kk.iloc[0] if len(kk) else None
+
+
+def largest_tau(view: RunView) -> pd.Series | None:
+    """The measure with the largest positive tau with the gap on these replicas (exploratory: chosen on the data)."""
     k = view.table("kendall")
     if k is None or "target" not in k:
         return None
     kk = k[(k["target"] == "gap_error") & np.isfinite(k["kendall_tau"])]
-    return kk.iloc[int(kk["kendall_tau"].abs().argmax())] if len(kk) else None
+    return kk.iloc[int(kk["kendall_tau"].argmax())] if len(kk) else None
 
 
 # ------------------------------------------------------------------------------------------------ matplotlib
@@ -184,10 +200,23 @@ def summary(view: RunView) -> list[tuple[str, str, str]]:
     best = best_predictor(view)
     if best is None:
         return []
-    return [("Best flatness predictor of the gap (Kendall τ)",
-             f"{best['measure']}: {best['kendall_tau']:.3f} [{best['ci_low']:.2f}, {best['ci_high']:.2f}]",
-             "Rank agreement between flatness and the generalisation gap; an interval that excludes 0 is a real "
-             "association on these replicas.")]
+    lo, hi = best["ci_low"], best["ci_high"]
+    if lo > 0:
+        words = "sharper replicas generalise worse on this run: the interval excludes 0."
+    elif hi < 0:
+        words = "sharper replicas generalise better on this run, against the usual claim: the interval excludes 0."
+    else:
+        words = "no detectable association with the gap on this run: the interval includes 0."
+    rows = [("Flatness and the gap (declared measure, Kendall τ)",
+             f"{best['measure']}: {best['kendall_tau']:+.3f} [{lo:+.2f}, {hi:+.2f}]",
+             f"Rank agreement of the measure declared in advance (select.measure) with the generalisation gap; {words}")]
+    top = largest_tau(view)
+    if top is not None and top["measure"] != best["measure"]:
+        rows.append(("Largest τ on these replicas (exploratory)",
+                     f"{top['measure']}: {top['kendall_tau']:+.3f} [{top['ci_low']:+.2f}, {top['ci_high']:+.2f}]",
+                     "Chosen because it is the largest here, so its interval is optimistic (a winner's curse); test it "
+                     "as the declared measure on new replicas before relying on it."))
+    return rows
 
 
 def section(page: Page) -> None:
