@@ -83,7 +83,14 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 def import_checkpoints(problem, folder: str | Path) -> tuple[torch.Tensor, list[str]]:
     """Every checkpoint in ``folder`` (``*.pt``, ``*.pth``, ``*.safetensors``, sorted by name) as a row of a
     ``(K, P)`` replica tensor. Missing or unexpected keys, wrong shapes or non-float dtypes are refused with
-    the file and the tensor named."""
+    the file and the tensor named.
+
+    Buffers: with BatchNorm in module mode (``problem.batchnorm == "module"``: the model's own stored statistics, eval
+    mode) each checkpoint's running statistics are folded into its BatchNorm affine parameters
+    (:meth:`~lossglass.problem.Problem.fold_statistics`), so every replica computes exactly what the checkpointed module
+    computes in eval mode. In the other modes the statistics are recomputed at every point and stored ones are not
+    used. Other buffers are constants shared by all replicas: a checkpoint whose value differs from the model's is
+    refused."""
     folder = Path(folder)
     check(folder.is_dir(), f"checkpoint folder {folder} does not exist")
     files = sorted(p for p in folder.iterdir() if p.suffix in (".pt", ".pth", ".safetensors"))
@@ -91,6 +98,8 @@ def import_checkpoints(problem, folder: str | Path) -> tuple[torch.Tensor, list[
     rows = []
     expected = {p.name: p.shape for p in problem.params}
     buffers = set(problem.buffers)
+    stats = {n for n, m in problem.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    stats = {f"{n}.{b}" if n else b for n in stats for b in ("running_mean", "running_var", "num_batches_tracked")}
     for f in files:
         sd = load_state(f)
         missing = [k for k in expected if k not in sd]
@@ -103,7 +112,14 @@ def import_checkpoints(problem, folder: str | Path) -> tuple[torch.Tensor, list[
             check(tuple(t.shape) == shape, f"{f}: tensor {name!r} has shape {tuple(t.shape)}, the model expects {shape}")
             check(torch.is_floating_point(t), f"{f}: tensor {name!r} has dtype {t.dtype}, expected a floating dtype")
             check(bool(torch.isfinite(t).all()), f"{f}: tensor {name!r} holds NaN or inf")
-        rows.append(problem.flatten({k: sd[k] for k in expected}))
+        for name in buffers - stats:
+            if name in sd:
+                t, ref = sd[name], problem.buffers[name]
+                check(isinstance(t, torch.Tensor) and t.shape == ref.shape and torch.equal(t.to(ref), ref),
+                      f"{f}: buffer {name!r} differs from the model's; lossglass shares buffers other than BatchNorm "
+                      "statistics among all replicas")
+        params = problem.fold_statistics({k: sd[k] for k in expected}, sd, str(f))
+        rows.append(problem.flatten(params))
     return torch.stack(rows), [f.name for f in files]
 
 

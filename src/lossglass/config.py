@@ -34,12 +34,20 @@ def _f(default, description: str, **kw):
 class DataConfig(_Section):
     """The data set the replicas are trained on."""
 
-    name: Literal["fashion-mnist", "mnist", "digits", "teacher", "cifar10"] = _f(
+    name: Literal["fashion-mnist", "mnist", "digits", "teacher", "cifar10", "modular"] = _f(
         "fashion-mnist", "Data set: IDX files (fashion-mnist, mnist), CIFAR-10 python batches (cifar10), scikit-learn's "
-        "digits, or a synthetic teacher-student task (teacher).")
+        "digits, a synthetic teacher-student task (teacher), or modular arithmetic token sequences (modular, generated: "
+        "the grokking task of Power et al. 2022; see p, op, train_fraction).")
     n_train: PositiveInt | None = _f(10000, "Training samples (a seeded random subset; omit for all). The energy E is "
-                                     "the mean loss over these.")
-    n_test: PositiveInt | None = _f(2000, "Test samples (a seeded random subset; omit for all). Used only to grade.")
+                                     "the mean loss over these. Not used by modular (its split is train_fraction).")
+    n_test: PositiveInt | None = _f(2000, "Test samples (a seeded random subset; omit for all). Used only to grade. Not "
+                                    "used by modular.")
+    p: int = _f(97, "modular: the modulus p (a prime for op = 'div'); inputs are the tokens (a, b, '='), vocabulary "
+                "p + 1, labels (a op b) mod p.", ge=2)
+    op: Literal["add", "sub", "mul", "div"] = _f("add", "modular: the operation, (a + b), (a - b), (a b) or (a / b) "
+                                                 "mod p.")
+    train_fraction: float = _f(0.3, "modular: fraction of all equations (p^2; p (p - 1) for div) in the training set "
+                               "(seeded); the rest is the test set.", gt=0, lt=1)
     n_val: int = _f(0, "Validation samples carved out of the training set (seeded, recorded) for model selection; "
                     "0 = none. The test split never chooses anything.", ge=0)
     data_dir: str | None = _f(None, "Folder with the data files (default: $LOSSGLASS_DATA, then the Debian folder).")
@@ -50,18 +58,31 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     """The network (or the user's own module)."""
 
-    arch: Literal["mlp", "cnn"] = _f("mlp", "Architecture: the paper's MLP, or a small CNN (conv, BatchNorm, pool).")
+    arch: Literal["mlp", "cnn", "resnet", "transformer"] = _f(
+        "mlp", "Architecture: the paper's MLP, a small CNN (conv, BatchNorm, pool), a CIFAR-style ResNet (BasicBlocks, "
+        "BatchNorm, identity and 1x1 shortcuts; depth, width; image data), or a small decoder transformer (d_model, "
+        "n_heads, n_layers, d_mlp; token data such as modular).")
     hidden: PositiveInt | list[PositiveInt] = _f(64, "MLP hidden width (one hidden layer, the paper's case) or a list "
                                                  "of widths.")
     channels: list[PositiveInt] = _f([16, 32], "CNN channels per convolution block.")
     batchnorm: bool = _f(True, "CNN: BatchNorm after each convolution.")
-    bn_stats: Literal["recompute", "batch", "fixed"] = _f(
+    depth: int = _f(20, "ResNet depth 6n + 2 (8, 14, 20, 32, ...): n BasicBlocks per stage (He et al. 2016).", ge=8)
+    width: PositiveInt = _f(16, "ResNet channels of the first stage (the three stages have width, 2 width, 4 width).")
+    d_model: PositiveInt = _f(128, "Transformer width of the residual stream.")
+    n_heads: PositiveInt = _f(4, "Transformer attention heads (d_model must be a multiple).")
+    n_layers: PositiveInt = _f(1, "Transformer blocks.")
+    d_mlp: PositiveInt | None = _f(None, "Transformer MLP hidden width (default 4 d_model).")
+    bn_stats: Literal["recompute", "batch", "fixed", "module"] = _f(
         "recompute", "BatchNorm statistics at every evaluated point: recomputed on the training set (Garipov et al.; "
-        "REPAIR), those of fixed-size data batches (batch), or frozen at the protocol's reference point (fixed, "
-        "eval-mode style).")
+        "REPAIR), those of fixed-size data batches (batch), frozen at the protocol's reference point (fixed, "
+        "eval-mode style), or the module's own stored running statistics (module: eval mode, e.g. imported "
+        "checkpoints; each replica's are folded into its BatchNorm affine parameters).")
     activation: Literal["relu", "tanh", "gelu", "sigmoid"] = _f("relu", "Hidden activation.")
     loss: Literal["cross_entropy", "mse"] = _f("cross_entropy", "Loss (nats for cross-entropy); the energy E is its "
                                                "mean over the training set.")
+    memory_mb: float = _f(256.0, "Memory budget (MiB) for the activations of the replicas evaluated together: the data "
+                          "are processed in chunks that fit (and, with BatchNorm, the replicas in groups that see the "
+                          "whole training set at once). Raise it on a GPU.", gt=0)
     factory: str | None = _f(None, "'package.module:function' returning your nn.Module (replaces arch).")
     spec: str | None = _f(None, "'package.module:function' returning the model's PermutationSpec (your own models).")
 
@@ -73,7 +94,7 @@ class TrainGroup(_Section):
     batch_size: PositiveInt | None = _f(None, "Mini-batch size.")
     lr: float | None = _f(None, "Learning rate.", gt=0)
     method: Literal["sgd", "sam", "langevin", "replicated"] | None = _f(None, "Training method.")
-    optimizer: Literal["sgd", "adam"] | None = _f(None, "Optimizer.")
+    optimizer: Literal["sgd", "adam", "adamw"] | None = _f(None, "Optimizer.")
     epochs: PositiveInt | None = _f(None, "Epochs (the maximum when a stop criterion is set).")
 
 
@@ -84,7 +105,8 @@ class TrainConfig(_Section):
     epochs: PositiveInt = _f(3, "Epochs (the maximum when stop_at_loss or stop_at_accuracy is set).")
     batch_size: PositiveInt = _f(128, "Mini-batch size.")
     lr: float = _f(0.05, "Learning rate.", gt=0)
-    optimizer: Literal["sgd", "adam"] = _f("sgd", "Optimizer (sgd with momentum, or adam).")
+    optimizer: Literal["sgd", "adam", "adamw"] = _f("sgd", "Optimizer (sgd with momentum, adam, or adamw: adam with "
+                                                     "decoupled weight decay, Loshchilov & Hutter 2019).")
     method: Literal["sgd", "sam", "langevin", "replicated"] = _f(
         "sgd", "sgd; sam (Foret et al. 2021); langevin (samples exp(-E/T), SGHMC noise with momentum; sgd only); "
         "replicated (Baldassi et al.: replicas coupled to their centre).")
@@ -99,6 +121,34 @@ class TrainConfig(_Section):
                                         gt=0, le=1)
     chunk: PositiveInt = _f(64, "Replicas per training task (the unit of work for the executor).")
     groups: list[TrainGroup] = _f([], "Groups of replicas with their own settings ([[train.groups]] tables).")
+    keep_at: list[int] | Literal["log"] = _f([], "Optimiser steps after which the replicas are kept (0 = the "
+                                             "initialisation), for the timeline stage; 'log' = keep_points "
+                                             "log-spaced steps from 0 to the last step.")
+    keep_points: int = _f(12, "Number of log-spaced snapshots when keep_at = 'log'.", ge=2)
+
+    @field_validator("keep_at")
+    @classmethod
+    def _keep(cls, v):
+        if isinstance(v, list) and any(s < 0 for s in v):
+            raise ValueError(f"keep_at steps must be >= 0, got {v}")
+        return v
+
+
+class TimelineConfig(_Section):
+    """The landscape over training time: light protocols at every kept snapshot (train.keep_at)."""
+
+    enabled: bool = _f(True, "Run this stage (only when train.keep_at keeps snapshots).")
+    n_data: PositiveInt | None = _f(2000, "Training samples the curvature and the walks use (the first n; all when "
+                                    "omitted).")
+    tol: float = _f(1e-3, "Relative accuracy of lambda_max (Lanczos).", gt=0, lt=1)
+    walkers: PositiveInt = _f(4, "Walkers per replica for the basin radius.")
+    walk_steps: PositiveInt = _f(30, "Steps of each walk.")
+    step_size: float = _f(0.02, "Walk step size sigma (relative to each row's norm with normalize = filter).", gt=0)
+    normalize: Literal["none", "filter", "layer"] = _f("filter", "Walk step scale: isotropic, per filter/row, or per "
+                                                      "layer.")
+    delta: float = _f(0.1, "Loss rise (nats) that defines the basin radius.", gt=0)
+    pairs: int = _f(2, "Replica pairs (0, 1), (2, 3), ... for the naive and aligned barriers (0 = none).", ge=0)
+    n_points: int = _f(11, "Points along each barrier path.", ge=2)
 
 
 class WalkConfig(_Section):
@@ -254,6 +304,7 @@ class StudyConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    timeline: TimelineConfig = TimelineConfig()
     walk: WalkConfig = WalkConfig()
     connect: ConnectConfig = ConnectConfig()
     replicas: ReplicasConfig = ReplicasConfig()
@@ -280,8 +331,13 @@ class StudyConfig(_Section):
     def _cross(self):
         if self.walk.enabled and self.walk.starts > self.train.replicas and not self.train.groups:
             raise ValueError(f"walk.starts = {self.walk.starts} but train.replicas = {self.train.replicas}")
-        if self.train.method == "langevin" and self.train.optimizer == "adam":
+        if self.train.method == "langevin" and self.train.optimizer in ("adam", "adamw"):
             raise ValueError("train.method = 'langevin' samples exp(-E/T) only with train.optimizer = 'sgd'")
+        m = self.model
+        if m.arch == "resnet" and (m.depth - 2) % 6:
+            raise ValueError(f"model.depth = {m.depth}: a ResNet has depth 6n + 2 (8, 14, 20, 32, 44, 56, 110)")
+        if m.arch == "transformer" and m.d_model % m.n_heads:
+            raise ValueError(f"model.d_model = {m.d_model} is not a multiple of model.n_heads = {m.n_heads}")
         return self
 
 

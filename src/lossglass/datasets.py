@@ -1,5 +1,6 @@
 """Data sets as float32 tensors: IDX (MNIST, Fashion-MNIST), CIFAR-10 pickles, scikit-learn digits, a
-synthetic teacher-student task, and modular arithmetic as token sequences (the grokking task). Every loader checks what it reads and names the file and the problem."""
+synthetic teacher-student task, and modular arithmetic as token sequences (the grokking task). Every loader checks
+what it reads and names the file and the problem."""
 
 from __future__ import annotations
 

@@ -15,7 +15,6 @@ differentiable in ``mean`` and ``var`` too (what the exact gradient of the recom
 from __future__ import annotations
 
 import copy
-import functools
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,6 +98,10 @@ def forward(problem, ops, theta, x: torch.Tensor, *, stats: dict | None = None, 
     :meth:`~lossglass.problem.Problem.bn_statistics` does (double-precision sums) and store them in ``record[i]``:
     one pass gives every layer's statistics when ``x`` is the whole training set. ``ops`` is a Sequential's op list
     or a :class:`Graph`."""
+    if stats is not None and stop_at is None and record is None and group is None and not torch.is_grad_enabled():
+        out = _cached_outputs(problem, theta, x, stats)
+        if out is not None:
+            return out
     if isinstance(ops, Graph):
         return graph_forward(problem, ops, theta, x, stats=stats, stop_at=stop_at, group=group, record=record)
     p = problem._param
@@ -158,6 +161,8 @@ def _batch_norm(h: torch.Tensor, layout: str, k: int, w: torch.Tensor, b: torch.
     img = layout == "img"
     if stats is not None:
         mean, var = stats
+        if img and not torch.is_grad_enabled():  # evaluation: one fused kernel (3x fewer passes over h)
+            return F.batch_norm(h, mean.reshape(-1), var.reshape(-1), w.reshape(-1), b.reshape(-1), False, 0.0, eps)
         shape = (1, -1, 1, 1) if img else (k, 1, -1)
         scale = w.reshape(shape) * torch.rsqrt(var.reshape(shape) + eps)
         return (h - mean.reshape(shape)) * scale + b.reshape(shape)
@@ -173,10 +178,32 @@ def _batch_norm(h: torch.Tensor, layout: str, k: int, w: torch.Tensor, b: torch.
         var, mean = torch.var_mean(hg, dim=2, keepdim=True, unbiased=False)
         out = (hg - mean) * torch.rsqrt(var + eps) * w.reshape(k, 1, 1, -1) + b.reshape(k, 1, 1, -1)
         return out.reshape(h.shape)
-    if img:
+    if img and not h.is_contiguous(memory_format=torch.channels_last):
         return F.batch_norm(h, None, None, w.reshape(-1), b.reshape(-1), training=True, eps=eps)
+    if img:  # channels-last (traced graphs): as fast as the fused kernel once, twice as fast differentiated twice
+        mean = h.mean((0, 2, 3), keepdim=True)
+        d = h - mean
+        scale = torch.rsqrt((d * d).mean((0, 2, 3), keepdim=True) + eps) * w.reshape(1, -1, 1, 1)
+        return d * scale + b.reshape(1, -1, 1, 1)
     var, mean = torch.var_mean(h, dim=1, keepdim=True, unbiased=False)
     return (h - mean) / torch.sqrt(var + eps) * w.unsqueeze(1) + b.unsqueeze(1)
+
+
+def _cached_outputs(problem, theta, x: torch.Tensor, stats: dict) -> torch.Tensor | None:
+    """The outputs on ``x`` (a slice of the training set) at the point whose training-set statistics ``stats`` the
+    problem has just recorded in one pass (``Problem._one_pass_statistics``), or None: the pass that recorded them
+    computed exactly these outputs."""
+    cache = problem.__dict__.get("_stat_cache")
+    if cache is None or stats is not cache[1] or not isinstance(theta, torch.Tensor) or theta.shape != cache[0].shape:
+        return None
+    xa = cache[2]
+    if x.dtype != xa.dtype or x.shape[1:] != xa.shape[1:] or x.stride() != xa.stride() or x.device != xa.device:
+        return None
+    row = xa.stride(0) * xa.element_size()
+    off = x.data_ptr() - xa.data_ptr()
+    if off % row or not 0 <= off // row <= len(xa) - len(x) or not torch.equal(theta, cache[0]):
+        return None
+    return cache[3][:, off // row:off // row + len(x)]
 
 
 def _bn_apply(h: torch.Tensor, layout: str, k: int, w: torch.Tensor, b: torch.Tensor, stats, eps: float,
@@ -386,8 +413,8 @@ def _graph_op(node, mods, shape: tuple, arg) -> GraphOp:
         if f is torch.flatten and tuple(node.args[1:]) in ((1,), (1, -1)) and not node.kwargs:
             return GraphOp("flatten", node.name, None, (arg(node.args[0]),), shape)
         if f in _POOL_FNS:
-            return GraphOp("pool", node.name, None, (arg(node.args[0]),), shape,
-                           fn=functools.partial(f, *node.args[1:], **node.kwargs))
+            rest, kw = tuple(node.args[1:]), dict(node.kwargs)
+            return GraphOp("pool", node.name, None, (arg(node.args[0]),), shape, fn=lambda z: f(z, *rest, **kw))
         raise _Unsupported(what)
     if node.op == "call_method":
         name = node.target
@@ -407,6 +434,13 @@ def _graph_op(node, mods, shape: tuple, arg) -> GraphOp:
                 return GraphOp("mean", node.name, None, a, shape, extra={"keepdim": bool(keep)})
         raise _Unsupported(what)
     raise _Unsupported(what)
+
+
+#: memory format of replica-batched images in traced graphs without and with autograd: oneDNN's grouped convolution
+#: runs about twice as fast channels-last, but BatchNorm's fused training kernels (and their derivatives) favour NCHW;
+#: measured on a 2-core CPU: evaluation 10% faster channels-last, training steps, gradients and Hessian-vector
+#: products 20 to 40% faster NCHW
+_FORMAT = {False: torch.channels_last, True: torch.contiguous_format}
 
 
 def _as_img(h: torch.Tensor, layout: str, k: int) -> torch.Tensor:
@@ -450,11 +484,11 @@ def graph_forward(problem, g: Graph, theta, x: torch.Tensor, *, stats: dict | No
         if o.kind == "conv":
             w = p(theta, info[f"{o.name}.weight"])
             b = p(theta, info[f"{o.name}.bias"]).reshape(-1) if m.bias is not None else None
-            w = w.reshape(-1, *w.shape[2:])
-            if layout == "shared" and m.groups == 1:
-                h = F.conv2d(h, w, b, m.stride, m.padding, m.dilation)
-            else:
-                h = F.conv2d(_as_img(h, layout, k), w, b, m.stride, m.padding, m.dilation, groups=k * m.groups)
+            fmt = _FORMAT[torch.is_grad_enabled()]
+            w = w.reshape(-1, *w.shape[2:]).contiguous(memory_format=fmt)
+            h = (h if layout == "shared" and m.groups == 1 else _as_img(h, layout, k)).contiguous(memory_format=fmt)
+            h = F.conv2d(h, w, b, m.stride, m.padding, m.dilation, groups=1 if layout == "shared" and m.groups == 1
+                         else k * m.groups).contiguous(memory_format=fmt)
             vals[i] = (h, "img")
         elif o.kind == "bn":
             w = p(theta, info[f"{o.name}.weight"])

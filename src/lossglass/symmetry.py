@@ -441,9 +441,9 @@ class _Tracer:
 
 def _unsupported(what: str) -> LossglassError:
     return LossglassError(
-        f"derive_spec: {what}, whose permutation symmetry is unknown, acts on permutable features; declare the "
-        "model's spec instead (problem.spec = lossglass.PermutationSpec({...}), or config model.spec = "
-        "'package.module:function'), or give the module a permutation_rule() (see lossglass.models.Attention)")
+        f"derive_spec: {what}, whose permutation symmetry is unknown, acts on permutable features; declare it: "
+        "problem.spec = lossglass.PermutationSpec({...}), or config model.spec = 'package.module:function', or a "
+        "permutation_rule() method on the module (see lossglass.models.Attention)")
 
 
 def _describe_node(node, mods) -> str:
@@ -519,10 +519,12 @@ def _analyse(model: nn.Module, example_input: torch.Tensor):
     except Exception as e:  # noqa: BLE001
         raise LossglassError(f"derive_spec: {type(model).__name__} does not run on the example input of shape "
                              f"{tuple(example_input.shape)} ({type(e).__name__}: {e})") from None
-    shapes = {}
+    shapes, tuples = {}, set()
     for n in probe.graph.nodes:
         meta = n.meta.get("tensor_meta")
         shapes[n.name] = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+        if meta is not None and not hasattr(meta, "shape"):
+            tuples.add(n.name)  # a tuple of tensors (e.g. a recurrent layer's outputs)
     mods = dict(gm.named_modules())
     params = dict(model.named_parameters())
     G = _Groups()
@@ -535,7 +537,7 @@ def _analyse(model: nn.Module, example_input: torch.Tensor):
         out = []
         for a in list(node.args) + list(node.kwargs.values()):
             for b in (a if isinstance(a, (tuple, list)) else (a,)):
-                if isinstance(b, fx.Node) and shapes.get(b.name) is not None:
+                if isinstance(b, fx.Node) and (shapes.get(b.name) is not None or b.name in tuples):
                     out.append(b)
         return out
 
@@ -608,8 +610,8 @@ def _analyse(model: nn.Module, example_input: torch.Tensor):
             vals[node.name] = (None if p is None or p.ndim == 0 else
                                _Val(-1, G.new(p.shape[-1], [(node.target, p.ndim - 1)])))
             continue
-        if s_out is None and not (node.op == "call_module" and callable(getattr(mods[node.target], "permutation_rule",
-                                                                                 None))):
+        if s_out is None and node.name not in tuples and not (
+                node.op == "call_module" and callable(getattr(mods[node.target], "permutation_rule", None))):
             if node.op == "call_function" and node.target is operator.getitem and isinstance(val(node.args[0]), tuple):
                 vals[node.name] = val(node.args[0])[node.args[1]]
                 continue
