@@ -47,8 +47,10 @@ BENCH := .venv-bench/bin
 	touch $@
 
 # side-by-side benchmarks in their own environment (the peers never enter .venv), writes BENCHMARKS.md
+# (every row 3 times, about 10 minutes on 2 cores; BENCH_ARGS=--quick for smaller sizes). The GPU check is
+# benchmarks/gpu_check.sh (see its header), run on a GPU machine.
 bench: .venv-bench/.installed data
-	$(BENCH)/python benchmarks/run_all.py $(BENCH_ARGS)
+	PYTHONUNBUFFERED=1 $(BENCH)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-bench runs build *.egg-info

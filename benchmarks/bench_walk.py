@@ -6,7 +6,7 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from common import best_of, fmnist, matmul_gflops, mlp_flops
+from common import fmnist, mlp_flops, side_by_side
 from torch.func import functional_call
 
 import lossglass as lg
@@ -37,7 +37,7 @@ def loop_walk(prob: lg.Problem, theta0: torch.Tensor, walkers: int, steps: int, 
     return run
 
 
-def case(hidden: int, n_data: int, walkers: int, steps: int, rate: float) -> dict:
+def case(hidden: int, n_data: int, walkers: int, steps: int, reps: int = 3) -> dict:
     ds = fmnist(n_train=n_data, n_test=100)
     prob = lg.Problem(lg.models.mlp(784, hidden, 10), ds, device="cpu")
     theta0 = lg.train(prob, 1, epochs=1, batch_size=128, lr=0.05, progress=False).theta[0]
@@ -47,19 +47,18 @@ def case(hidden: int, n_data: int, walkers: int, steps: int, rate: float) -> dic
         lg.random_walk(prob, theta0, n_walkers=walkers, steps=steps, step_size=sigma, temperature=temp,
                        record_every=steps, progress=False)
 
-    t_ours = best_of(ours, 1)
-    t_loop = best_of(loop_walk(prob, theta0, walkers, steps, sigma, temp), 1)
+    r = side_by_side(ours, loop_walk(prob, theta0, walkers, steps, sigma, temp), reps)
     flops = mlp_flops([784, hidden, 10], n_data) * walkers * steps
-    return {"case": f"Metropolis 784-{hidden}-10, {walkers} walkers x {steps} steps, {n_data} images",
-            "ours_s": t_ours, "loop_s": t_loop, "speedup": t_loop / t_ours, "gflops": flops / t_ours / 1e9,
-            "fraction_of_matmul": flops / t_ours / 1e9 / rate, "ours_ms_per_step": 1e3 * t_ours / steps}
+    return {"row": f"walk{walkers}", "case": f"Metropolis 784-{hidden}-10, {walkers} walkers x {steps} steps, "
+            f"{n_data} images", "peer": "Python loop over walkers", **r, "useful_gflop": flops / 1e9,
+            "ours_ms_per_step": 1e3 * r["ours_s"] / steps}
 
 
 def main(quick: bool = False) -> list[dict]:
-    rate = matmul_gflops()
-    rows = [case(64, 10000, 16, 20 if quick else 100, rate), case(16, 1000, 64, 50 if quick else 300, rate)]
+    reps = 2 if quick else 3
+    rows = [case(64, 10000, 16, 10 if quick else 40, reps), case(16, 1000, 64, 30 if quick else 120, reps)]
     for r in rows:
-        print(r)
+        print({k: v for k, v in r.items() if not k.endswith("_times")})
     return rows
 
 

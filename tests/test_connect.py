@@ -191,9 +191,15 @@ def test_bad_symmetry_inputs(tiny, deep, teacher_ds):
         def forward(self, x):
             return self.out(torch.relu(self.inp(x)))
 
+    class Opaque(Custom):  # a cumulative sum over the hidden units: no permutation of them is a symmetry
+        def forward(self, x):
+            return self.out(torch.cumsum(torch.relu(self.inp(x)), -1))
+
+    with pytest.raises(lg.LossglassError, match=r"torch\.cumsum.*declare it"):
+        lg.random_permutation(lg.Problem(Opaque(), teacher_ds, dtype=torch.float64))
     prob = lg.Problem(Custom(), teacher_ds, dtype=torch.float64)
-    with pytest.raises(lg.LossglassError, match="declare it"):
-        lg.random_permutation(prob)
+    # a free-form module's symmetry is derived by tracing (issue 17): the one a user would declare
+    assert lg.symmetry.spec_of(prob).perms == {"P0": (("inp.weight", 0), ("inp.bias", 0), ("out.weight", 1))}
     prob.spec = lg.PermutationSpec({"h": (("inp.weight", 0), ("inp.bias", 0), ("out.weight", 1))})
     th = prob.init(1, 0)[0]
     moved = lg.permute(prob, th, lg.random_permutation(prob, 2))

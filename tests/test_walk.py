@@ -236,3 +236,59 @@ def test_bad_walk_inputs(tiny):
         lg.random_walk(tiny, theta, step_size=0.1, normalize="row")
     with pytest.raises(lg.LossglassError, match="lr must be > 0"):
         lg.langevin(tiny, theta, temperature=0.1, lr=0.0)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["walk", "metropolis", "langevin"])
+def test_walk_checkpoint_resume_equals_uninterrupted(tiny, tmp_path, kind):
+    """A walk killed mid-way and started again with the same checkpoint file ends bit-identical to one that ran
+    through; the checkpoint also holds traces, test evaluations, snapshots and RNG states (Metropolis: two streams)."""
+    start = tiny.init(2, 0)
+    ck = tmp_path / f"{kind}.safetensors"
+
+    calls = {"n": 0}
+
+    def run(checkpoint=None, fail_at=None):
+        calls["n"] = 0
+        orig = type(tiny).evaluate
+
+        class Dying(type(tiny)):  # counts training evaluations; dies after fail_at of them
+            def evaluate(self, theta, split="train"):
+                if split == "train":
+                    calls["n"] += 1
+                    if fail_at is not None and calls["n"] > fail_at:
+                        raise _Interrupt
+                return orig(self, theta, split)
+
+        prob = object.__new__(Dying)
+        prob.__dict__.update(tiny.__dict__)
+        kw = dict(n_walkers=2, steps=23, record_every=4, seed=3, progress=False, checkpoint=checkpoint,
+                  checkpoint_every=5)
+        if kind == "langevin":
+            return lg.langevin(prob, start, temperature=1e-3, lr=0.05, **kw)
+        return lg.random_walk(prob, start, step_size=0.05, temperature=None if kind == "walk" else 0.05, **kw)
+
+    ref = run()
+    with pytest.raises(_Interrupt):
+        run(ck, fail_at=13)  # dies during step 12: the checkpoint holds step 10
+    assert ck.exists()
+    res = run(ck)
+    assert calls["n"] == 1 + 23 - 10  # the start's evaluation, then only steps 11..23 were walked
+    for name in ("energy", "accuracy", "distance", "accepted", "test_loss", "test_accuracy", "snapshots", "theta",
+                 "alive", "nonfinite"):
+        a, b = getattr(ref, name), getattr(res, name)
+        assert torch.equal(torch.nan_to_num(a.double() if a.dtype != torch.bool else a),
+                           torch.nan_to_num(b.double() if b.dtype != torch.bool else b)), name
+    again = run(ck)  # a finished walk's checkpoint returns the result without walking
+    assert torch.equal(again.theta, ref.theta)
+
+
+def test_walk_checkpoint_of_another_walk_is_refused(tiny, tmp_path):
+    ck = tmp_path / "w.safetensors"
+    start = tiny.init(1, 0)
+    lg.random_walk(tiny, start, steps=6, step_size=0.05, seed=0, progress=False, checkpoint=ck, checkpoint_every=2)
+    with pytest.raises(lg.LossglassError, match="another walk"):
+        lg.random_walk(tiny, start, steps=6, step_size=0.07, seed=0, progress=False, checkpoint=ck)

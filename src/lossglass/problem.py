@@ -391,18 +391,38 @@ class Problem:
         return m
 
     def _one_pass_statistics(self, theta: torch.Tensor) -> dict | None:
-        """:meth:`bn_statistics` in one forward pass when the training set is one chunk (each BatchNorm layer records
-        the statistics of its input, computed as the layer-by-layer procedure does, so the result is the same);
-        None when the data take several chunks."""
-        chunks = list(self._chunks("train", theta.shape[0]))
-        if len(chunks) != 1:
+        """:meth:`bn_statistics` in one forward pass over the whole training set, in groups of as many replicas as
+        :meth:`chunk_size` lets see all of it at once: each BatchNorm layer records the statistics of its input,
+        computed as the layer-by-layer procedure does, so the result is the same (replicas are independent), for one
+        pass instead of one per BatchNorm layer. None when not even one replica's pass fits in ``memory_mb``.
+
+        The last result is kept with a copy of theta and the pass's outputs: the same theta again (the test split
+        after the training split, a path point evaluated on both) reuses the statistics, and the training-set
+        forward passes that follow with them (:meth:`evaluate`) return the outputs already computed
+        (:func:`lossglass.layers.forward`), which are what they would compute."""
+        if not isinstance(theta, torch.Tensor):
             return None
+        x = self.data["train"][0]
+        k = theta.shape[0]
+        per = int(self.memory_mb * 2**20 // max((self._width + self.dataset.n_classes) * 16 * len(x), 1))
+        step = min(k, per) if self.chunk_size(k) < len(x) else k
+        if step < 1:
+            return None
+        cache = self.__dict__.get("_stat_cache")
+        if cache is not None and cache[0].shape == theta.shape and torch.equal(cache[0], theta):
+            return cache[1]
         from . import layers
 
-        record: dict = {}
+        self._stat_cache = None
+        parts, outs = [], []
         with torch.no_grad():
-            layers.forward(self, self._seq, theta, chunks[0][0], record=record)
-        return {i: record[i] for i in self._bn}
+            for g in range(0, k, step):
+                record: dict = {}
+                outs.append(layers.forward(self, self._seq, theta[g:g + step], x, record=record))
+                parts.append(record)
+        stats = {i: tuple(torch.cat([r[i][j] for r in parts]) for j in (0, 1)) for i in self._bn}
+        self._stat_cache = (theta.detach().clone(), stats, x, torch.cat(outs) if len(outs) > 1 else outs[0])
+        return stats
 
     # ------------------------------------------------------------------ the batched forward pass
     def forward(self, theta: torch.Tensor, x: torch.Tensor, stats: dict | None = None, *,
@@ -519,6 +539,13 @@ class Problem:
     _ACT_BACKWARD = {torch.relu: lambda g, a: torch.ops.aten.threshold_backward(g, a, 0.0),
                      torch.tanh: torch.ops.aten.tanh_backward, torch.sigmoid: torch.ops.aten.sigmoid_backward}
 
+    def _hand_written_ok(self) -> bool:
+        """The hand-written MLP paths (fused kernel, manual gradient, R-operator) reproduce Problem's own forward
+        pass and loss; a subclass that overrides either keeps the generic (autograd) paths."""
+        cls = type(self)
+        return all(getattr(cls, n) is getattr(Problem, n) for n in ("_loss", "forward", "_forward_mlp", "_linear",
+                                                                     "_output_layer", "batch_loss"))
+
     def _mlp_batch_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                         mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`batch_loss_and_grad` for an MLP on per-replica batches ``x`` ``(K, B, D)``, by hand: the forward pass
@@ -529,7 +556,7 @@ class Problem:
         plan = self._plan
         acts = [op for kind, op in plan if kind == "act"]
         if [kind for kind, _ in plan] != ["linear", "act"] * len(acts) + ["linear"] or any(
-                a not in self._ACT_BACKWARD for a in acts):
+                a not in self._ACT_BACKWARD for a in acts) or not self._hand_written_ok():
             return None
         k, b = x.shape[0], x.shape[1]
         theta = theta.detach()
@@ -591,7 +618,7 @@ class Problem:
         plan = self._plan
         if (plan is None or len(plan) != 3 or plan[0][0] != "linear" or plan[2][0] != "linear"
                 or plan[1][0] != "act" or plan[1][1] is not torch.relu or self.dtype != torch.float32
-                or self.device.type != "cpu"):
+                or self.device.type != "cpu" or not self._hand_written_ok()):
             return None
         from . import _native
 
@@ -674,13 +701,23 @@ class Problem:
             first, _, last = fused
             x_all, y_all = self.data[choice("split", split, tuple(self.data))]
             h, c = first.w.shape[0], last.w.shape[0]
+            from ._native import SUPER
+
+            group = max(1, int(self.memory_mb * 2**20 // (h * SUPER * 4)))  # replicas whose maps of a chunk fit
+            parts = []
             with torch.no_grad():
-                wb = theta[:, first.w.slice].reshape(k * h, -1)
-                bb = theta[:, first.b.slice].reshape(k * h, 1) if first.b is not None else None
-                b2 = (theta[:, last.b.slice] if last.b is not None
-                      else torch.zeros(k, c, device=self.device, dtype=self.dtype))
-                out = self._fused_sums(fused, wb, bb, torch.ones(k, 1, dtype=self.dtype),
-                                       theta[:, last.w.slice].view(k, c, h), b2, 1, x_all, y_all)
+                for a in range(0, k, group):
+                    th = theta[a:a + group]
+                    kk = th.shape[0]
+                    wb = th[:, first.w.slice].reshape(kk * h, -1)
+                    bb = th[:, first.b.slice].reshape(kk * h, 1) if first.b is not None else None
+                    b2 = (th[:, last.b.slice] if last.b is not None
+                          else torch.zeros(kk, c, device=self.device, dtype=self.dtype))
+                    parts.append(self._fused_sums(fused, wb, bb, torch.ones(kk, 1, dtype=self.dtype),
+                                                  th[:, last.w.slice].view(kk, c, h), b2, 1, x_all, y_all))
+                    if parts[-1] is None:
+                        break
+            out = None if parts[-1] is None else (torch.cat([p_[0] for p_ in parts]), torch.cat([p_[1] for p_ in parts]))
             if out is not None:
                 nn_ = max(len(y_all), 1)
                 res = {"loss": (out[0] / nn_).to(self.dtype), "accuracy": (out[1] / nn_).to(self.dtype)}
@@ -851,7 +888,7 @@ class Problem:
             return None
         acts = [op for kind, op in plan if kind == "act"]
         if [kind for kind, _ in plan] != ["linear", "act"] * len(acts) + ["linear"] or any(
-                a is not torch.relu for a in acts):
+                a is not torch.relu for a in acts) or not self._hand_written_ok():
             return None
         theta = theta.detach()
         k = theta.shape[0]
@@ -874,7 +911,7 @@ class Problem:
             with torch.no_grad():
                 hs, masks = [xb], []
                 h = xb
-                for i, l_ in enumerate(lin[:-1]):
+                for l_ in lin[:-1]:
                     z = self._linear(theta, l_, h)
                     masks.append(z > 0)
                     h = torch.relu(z)

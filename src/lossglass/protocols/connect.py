@@ -220,8 +220,8 @@ def pair_barriers(problem: Problem, theta: torch.Tensor, *, pairs: int = 4, n_po
                        "barrier_naive": [p.barrier for p in naive], "barrier_aligned": [p.barrier for p in al],
                        "barrier_test_naive": [p.barrier_test for p in naive],
                        "barrier_test_aligned": [p.barrier_test for p in al],
-                       "distance_naive": (b - a).norm(dim=1).numpy(),
-                       "distance_aligned": (aligned.cpu() - a).norm(dim=1).numpy()})
+                       "distance_naive": (b - a).norm(dim=1).cpu().numpy(),
+                       "distance_aligned": (aligned - a).norm(dim=1).cpu().numpy()})
     return df, naive, al
 
 

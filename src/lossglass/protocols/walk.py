@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .._util import as_batch, check_finite, generators, randn_per
+from .._util import as_batch, check_finite, generators
 from ..errors import check, choice
 from ..problem import FunctionProblem, Problem
 from ..train import Replicas
@@ -123,20 +124,100 @@ def _log_steps(steps: int, n: int = 24) -> list[int]:
 NONFINITE = ("reject", "record", "stop")
 
 
+def _randn_into(gens: list[torch.Generator], out: torch.Tensor) -> torch.Tensor:
+    """Row i of ``out`` ``(W, P)`` <- a standard normal vector from generator i (the same numbers as one
+    ``torch.randn(P, generator=gens[i])`` call, so walker i's stream does not depend on W). Written in place: no
+    stacked copy; with several threads the walkers' rows are drawn in parallel (each generator is used by one thread,
+    torch releases the GIL while it draws)."""
+    w = len(gens)
+    threads = min(torch.get_num_threads(), w)
+    if threads <= 1 or out.numel() < (1 << 16):
+        for i, g in enumerate(gens):
+            torch.randn(out.shape[1], generator=g, out=out[i])
+        return out
+    from .._native import _executor
+
+    def part(a: int, b: int) -> None:
+        for i in range(a, b):
+            torch.randn(out.shape[1], generator=gens[i], out=out[i])
+
+    bounds = [w * t // threads for t in range(threads + 1)]
+    futs = [_executor(threads - 1).submit(part, bounds[t], bounds[t + 1]) for t in range(1, threads)]
+    part(bounds[0], bounds[1])
+    for f in futs:
+        f.result()
+    return out
+
+
+def _all_finite(x: torch.Tensor) -> torch.Tensor:
+    """Per row: every entry finite. One pass (min and max propagate NaN) instead of isfinite's several."""
+    lo, hi = torch.aminmax(x, dim=1)
+    return (lo > -math.inf) & (hi < math.inf)
+
+
+def _fingerprint(kind: str, theta: torch.Tensor, steps: int, record_every: int, params: dict, seed: int) -> torch.Tensor:
+    """What a checkpoint must match to be resumed: the walk's kind, length, parameters, seed and start positions."""
+    import hashlib
+
+    h = hashlib.sha256(f"{kind}|{steps}|{record_every}|{seed}|{sorted(params.items())}|{tuple(theta.shape)}".encode())
+    h.update(theta.detach().cpu().contiguous().numpy().tobytes())
+    return torch.frombuffer(bytearray(h.digest()), dtype=torch.uint8).clone()
+
+
+def _load_walk(path, fingerprint: torch.Tensor) -> dict | None:
+    """The newest readable walk checkpoint at ``path`` (else ``NAME.prev``) made for this very walk, or None. A
+    damaged file is discarded with a warning; one made for another walk (other start, parameters or length) is an
+    error: the walk would otherwise silently continue someone else's."""
+    import warnings
+    from pathlib import Path
+
+    from safetensors.torch import load
+
+    from ..errors import LossglassError
+    from ..train import _prev
+
+    path = Path(path)
+    for p in (path, _prev(path)):
+        if not p.exists():
+            continue
+        try:
+            st = load(p.read_bytes())
+            fp = st["fingerprint"]
+        except Exception as e:  # noqa: BLE001 - empty, truncated or foreign file
+            warnings.warn(f"discarding walk checkpoint {p}: it is unreadable ({type(e).__name__}); resuming from an "
+                          "earlier state", RuntimeWarning, stacklevel=4)
+            p.unlink()
+            continue
+        if not torch.equal(fp, fingerprint):
+            raise LossglassError(f"walk checkpoint {p} was written by another walk (different start, parameters, seed "
+                                 "or length); remove it or give another checkpoint path")
+        return st
+    return None
+
+
 def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: int, record_every: int, kind: str,
-         propose, params: dict, progress: bool, on_nonfinite: str) -> WalkResult:
+         propose, params: dict, progress: bool, on_nonfinite: str, *, gens: list | None = None, seed: int = 0,
+         checkpoint=None, checkpoint_every: int = 100) -> WalkResult:
     """Drive ``propose`` for ``steps`` steps on all walkers at once and record the traces.
 
     ``propose(theta, state) -> (new, E(new), accuracy(new), accept mask)``. A proposal with a non-finite
     energy or parameters is counted per walker and, by ``on_nonfinite``: ``"reject"`` (Metropolis: exp(-inf)
     = 0, the walker stays where it is), ``"record"`` (plain walk: the step is taken and E = +inf recorded;
     a non-finite *position* still stops the walker) or ``"stop"`` (Langevin: the walker is frozen, flagged
-    ``alive=False`` and its energy recorded as NaN from then on)."""
+    ``alive=False`` and its energy recorded as NaN from then on).
+
+    ``checkpoint``: a file where the whole walk state (positions, traces so far, snapshots, RNG states of ``gens``) is
+    written atomically every ``checkpoint_every`` steps and at the end (the previous one kept as ``NAME.prev``); a walk
+    started again with the same file and arguments resumes from it, bit-identical to an uninterrupted one."""
     check(isinstance(steps, int) and steps > 0, f"steps must be a positive int, got {steps!r}")
     check(isinstance(record_every, int) and record_every > 0, f"record_every must be a positive int, got {record_every}")
+    check(isinstance(checkpoint_every, int) and checkpoint_every > 0,
+          f"checkpoint_every must be a positive int, got {checkpoint_every!r}")
     choice("on_nonfinite", on_nonfinite, NONFINITE)
+    gens = list(gens or [])
     w = theta.shape[0]
     theta0 = theta.clone()
+    fp = _fingerprint(kind, theta0, steps, record_every, params, seed) if checkpoint is not None else None
     has_test = not isinstance(problem, FunctionProblem)
     ev = problem.evaluate(theta, "train")
     e, acc = ev["loss"], ev["accuracy"]
@@ -162,9 +243,37 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
         ti = 1
     state = {"e": e, "acc": acc}
     inf = torch.full_like(e, float("inf"))
-    for t in tqdm(range(1, steps + 1), desc=kind, disable=not progress or None, leave=False, unit="step"):
+    t_start = 1
+    st = _load_walk(checkpoint, fp) if checkpoint is not None else None
+    if st is not None:  # resume: everything the loop reads or writes, as it was after step t_done
+        dev = theta.device
+        t_done = int(st["t"])
+        theta = st["theta"].to(dev, problem.dtype)
+        state = {"e": st["e"].to(dev), "acc": st["acc"].to(dev)}
+        alive, nonfinite = st["alive"].to(dev).bool(), st["nonfinite"].to(dev)
+        energy[:t_done + 1], accuracy[:t_done + 1] = st["energy"], st["accuracy"]
+        distance[:t_done + 1], accepted[:t_done + 1] = st["distance"], st["accepted"].bool()
+        ti, si = int(st["ti"]), int(st["si"])
+        test_loss[:ti], test_acc[:ti] = st["test_loss"], st["test_acc"]
+        snaps[:si] = st["snapshots"]
+        for i, g in enumerate(gens):
+            g.set_state(st[f"rng.{i}"])
+        t_start = t_done + 1
+
+    def save(t: int) -> None:
+        from ..train import _save_checkpoint
+
+        _save_checkpoint(Path(checkpoint), {
+            "fingerprint": fp, "t": torch.tensor(t), "theta": theta, "e": state["e"], "acc": state["acc"],
+            "alive": alive.to(torch.uint8), "nonfinite": nonfinite, "energy": energy[:t + 1],
+            "accuracy": accuracy[:t + 1], "distance": distance[:t + 1], "accepted": accepted[:t + 1].to(torch.uint8),
+            "ti": torch.tensor(ti), "si": torch.tensor(si), "test_loss": test_loss[:ti], "test_acc": test_acc[:ti],
+            "snapshots": snaps[:si]}, gens)
+
+    for t in tqdm(range(t_start, steps + 1), desc=kind, disable=not progress or None, leave=False, unit="step",
+                  initial=t_start - 1, total=steps):
         new, new_e, new_acc, acc_mask = propose(theta, state)
-        finite_theta = torch.isfinite(new).all(1)
+        finite_theta = _all_finite(new)
         bad = alive & ~(torch.isfinite(new_e) & finite_theta)
         nonfinite += bad.long()
         if on_nonfinite == "reject":
@@ -189,13 +298,15 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
         if si < len(snap_steps) and snap_steps[si] == t:
             snaps[si] = theta.cpu()
             si += 1
+        if checkpoint is not None and (t % checkpoint_every == 0 or t == steps):
+            save(t)
     return WalkResult(kind, energy, accuracy, distance, accepted, test_steps, test_loss, test_acc, snap_steps,
                       snaps, alive.cpu(), start_idx, theta.detach().cpu(), params, nonfinite.cpu())
 
 
 def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100, step_size: float = 0.01,
                 temperature: float | None = None, normalize: str | None = None, record_every: int = 10,
-                seed: int = 0, progress: bool = True) -> WalkResult:
+                seed: int = 0, progress: bool = True, checkpoint=None, checkpoint_every: int = 100) -> WalkResult:
     """Random walk theta_{t+1} = theta_t + sigma s * xi, xi ~ N(0, I_P), for W walkers at once.
 
     ``start``: one solution ``(P,)`` (all walkers there), several ``(S, P)`` or a ``Replicas`` (``n_walkers``
@@ -209,6 +320,8 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
     T is in the units of the problem's energy (the mean training loss for a network); for the spherical
     p-spin, whose energy is per spin (H/N), the physical temperature is N T.
     ``normalize`` scales the step per filter or layer (see :func:`step_scale`).
+    ``checkpoint``: a file where the walk's state is saved atomically every ``checkpoint_every`` steps; the same call
+    again resumes from it, bit-identical to an uninterrupted walk (see :func:`_run`).
     """
     check(isinstance(step_size, (int, float)) and step_size > 0 and math.isfinite(step_size),
           f"step_size must be a positive number, got {step_size!r}")
@@ -220,10 +333,11 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
     noise = generators(seed, range(w), stream=11)
     unif = generators(seed, range(w), stream=12)
     dev, dt = problem.device, problem.dtype
+    buf = torch.empty(w, problem.n_params, dtype=dt)
 
     def propose(theta, state):
-        xi = randn_per(noise, problem.n_params, dev, dt)
-        new = problem.project(theta + scale * xi)
+        xi = _randn_into(noise, buf).to(dev)
+        new = problem.project(theta + xi.mul_(scale))  # xi is scratch: scaled in place (same bits as scale * xi)
         ev = problem.evaluate(new, "train")
         if temperature is None:
             acc = torch.ones(w, dtype=torch.bool, device=dev)
@@ -237,11 +351,13 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
     kind = "walk" if temperature is None else "metropolis"
     return _run(problem, theta_s, start_idx, steps, record_every, kind, propose,
                 {"step_size": step_size, "temperature": temperature, "normalize": normalize or "none"}, progress,
-                "record" if temperature is None else "reject")
+                "record" if temperature is None else "reject", gens=noise + unif, seed=seed, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every)
 
 
 def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: int = 100, n_walkers: int = 1,
-             record_every: int = 10, seed: int = 0, progress: bool = True) -> WalkResult:
+             record_every: int = 10, seed: int = 0, progress: bool = True, checkpoint=None,
+             checkpoint_every: int = 100) -> WalkResult:
     """Overdamped Langevin dynamics theta <- theta - lr grad E + sqrt(2 lr T) xi (full-batch gradient);
     its stationary law tends to exp(-E/T) as lr -> 0 (for a quadratic, <E> = P T / (2 (1 - lr lambda / 2))
     per mode, so the bias is O(lr lambda)).
@@ -249,7 +365,8 @@ def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: i
     T is in the units of the problem's energy (the mean training loss for a network); for the spherical
     p-spin, whose energy is per spin (H/N), the physical temperature is N T. The drift is deterministic, so
     a walker whose energy or parameters become NaN/inf cannot be rejected back: it is stopped there
-    (``alive`` False, energy NaN from then on, ``nonfinite`` 1) and censored in :func:`basin_radius`."""
+    (``alive`` False, energy NaN from then on, ``nonfinite`` 1) and censored in :func:`basin_radius`.
+    ``checkpoint`` / ``checkpoint_every``: as for :func:`random_walk`."""
     check(isinstance(temperature, (int, float)) and temperature >= 0, f"temperature must be >= 0, got {temperature!r}")
     check(isinstance(lr, (int, float)) and lr > 0, f"lr must be > 0, got {lr!r}")
     theta_s, start_idx = _starts(problem, start, n_walkers)
@@ -257,16 +374,18 @@ def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: i
     noise = generators(seed, range(w), stream=13)
     dev, dt = problem.device, problem.dtype
     amp = math.sqrt(2 * lr * temperature)
+    buf = torch.empty(w, problem.n_params, dtype=dt)
 
     def propose(theta, state):
         _, g = problem.energy_and_grad(theta)
-        xi = randn_per(noise, problem.n_params, dev, dt)
+        xi = _randn_into(noise, buf).to(dev)
         new = problem.project(theta - lr * g + amp * xi)
         ev = problem.evaluate(new, "train")
         return new, ev["loss"], ev["accuracy"], torch.ones(w, dtype=torch.bool, device=dev)
 
     return _run(problem, theta_s, start_idx, steps, record_every, "langevin", propose,
-                {"lr": lr, "temperature": temperature}, progress, "stop")
+                {"lr": lr, "temperature": temperature}, progress, "stop", gens=noise, seed=seed, checkpoint=checkpoint,
+                checkpoint_every=checkpoint_every)
 
 
 # ---------------------------------------------------------------------------- observables
