@@ -25,6 +25,7 @@ seed = 2
 name = "digits"
 n_train = 300
 n_test = 100
+n_val = 60
 [model]
 hidden = 8
 [train]
@@ -227,7 +228,7 @@ def test_errors_name_the_users_input(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "--set walk.step" in err and "did you mean 'walk.steps'" in err and "preset" not in err
     assert main(["run", str(_tiny(tmp_path)), "--stages", "train,bogus"]) == 2
-    assert "train, walk, connect" in capsys.readouterr().err
+    assert "train, timeline, walk, connect" in capsys.readouterr().err
     out = tmp_path / "r"
     assert _run(_tiny(tmp_path), "--out", out, "--stages", "train") == 0
     assert main(["export", str(out), "--format", "xlsx"]) == 2

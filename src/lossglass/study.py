@@ -110,7 +110,8 @@ def build_problem(cfg: StudyConfig, dataset: Dataset | None = None, hidden=None)
     else:
         model = mlp(ds.in_dim, hidden or cfg.model.hidden, ds.n_classes, cfg.model.activation)
     try:
-        problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device, batchnorm=cfg.model.bn_stats)
+        problem = Problem(model, ds, loss=cfg.model.loss, device=cfg.device, batchnorm=cfg.model.bn_stats,
+                          memory_mb=cfg.model.memory_mb)
     except LossglassError:
         raise
     except Exception as e:  # noqa: BLE001 - a user model that fails on the data: say so in one line
@@ -338,7 +339,7 @@ class Study:
     def discard_partial(self, stage: str | None = None) -> None:
         """Remove unfinished task results and checkpoints (of one stage, or all) that lossglass wrote."""
         owned = self.store.owned()
-        keep = {r for r in owned if not (r.startswith("tasks/") or r.startswith("checkpoints/"))
+        keep = {r for r in owned if not {"tasks", "checkpoints"} & set(Path(r).parts[:-1])
                 or (stage is not None and not Path(r).name.startswith(f"{stage}-"))}
         self.store.remove_owned(keep=keep)
 
@@ -347,6 +348,8 @@ class Study:
         store = self.store
         t_all = time.time()
         todo = [n for n in stages if getattr(getattr(self.cfg, n, None), "enabled", True)]
+        if stages is STAGES and not self.cfg.train.keep_at:  # no snapshots asked for: no timeline stage at all
+            todo.remove("timeline")
         self._progress = {n: {"state": "done" if store.stage_done(n) and n != "report" else "pending"} for n in todo}
         self._write_progress()
         try:
