@@ -5,6 +5,7 @@ import sys
 import time
 
 import pandas as pd
+import pytest
 import torch
 
 import lossglass as lg
@@ -174,6 +175,48 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
     assert torch.equal(a.read_tensors("replicas")["theta"], b.read_tensors("replicas")["theta"])
     pd.testing.assert_frame_equal(a.read_table("replicas"), b.read_table("replicas"))
     pd.testing.assert_frame_equal(a.read_table("walk"), b.read_table("walk"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_walk_stage_resumes_mid_walk_from_its_checkpoint(tmp_path, monkeypatch):
+    """The walk stage dies part-way through a walk; run again, it resumes from the walkers' checkpoint (exactly
+    WALK_CHECKPOINT_EVERY fewer energy evaluations than a walk from the start) and its table equals that of a run
+    that was never interrupted."""
+    from lossglass.problem import Problem
+    from lossglass.study import WALK_CHECKPOINT_EVERY
+
+    steps = 2 * WALK_CHECKPOINT_EVERY + 10
+    (tmp_path / "long.toml").write_text(_cfg(tmp_path).read_text().replace("steps = 12", f"steps = {steps}"))
+    run = ["run", str(tmp_path / "long.toml"), "--quiet", "--stages"]
+    orig, calls = Problem.evaluate, {"n": 0, "die": None}
+
+    def counting(self, theta, split="train"):
+        if split == "train":
+            calls["n"] += 1
+            if calls["die"] is not None and calls["n"] > calls["die"]:
+                raise _Killed
+        return orig(self, theta, split)
+
+    monkeypatch.setattr(Problem, "evaluate", counting)
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    for folder in (ref, out):
+        assert main(run + ["train", "--out", str(folder)]) == 0
+    calls.update(n=0)
+    assert main(run + ["walk", "--out", str(ref)]) == 0
+    uninterrupted = calls["n"]
+    calls.update(n=0, die=WALK_CHECKPOINT_EVERY + 20)  # dies in the first walk, after its checkpoint at step 50
+    with pytest.raises(_Killed):
+        main(run + ["walk", "--out", str(out)])
+    assert list(out.glob("checkpoints/walk-*.safetensors")), "no walk checkpoint was written"
+    calls.update(n=0, die=None)
+    assert main(run + ["walk", "--out", str(out)]) == 0
+    assert calls["n"] == uninterrupted - WALK_CHECKPOINT_EVERY, (calls["n"], uninterrupted)
+    a, b = lg.RunStore(ref, create=False), lg.RunStore(out, create=False)
+    pd.testing.assert_frame_equal(a.read_table("walk"), b.read_table("walk"))
+    assert not list(out.glob("checkpoints/walk-*")), "the walk checkpoints outlived the stage"
 
 
 def test_changed_config_in_same_folder_is_refused(tmp_path, capsys):

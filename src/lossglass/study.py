@@ -830,6 +830,10 @@ _WALK_ARRAYS = ("energy", "accuracy", "distance", "accepted", "test_loss", "test
                 "start_index", "theta", "nonfinite")
 
 
+#: steps between two checkpoints of a walk task's walkers
+WALK_CHECKPOINT_EVERY = 50
+
+
 def walk_task(cfg_json: str, out: str, index: int, progress: bool = False, tag: str = "") -> str:
     """Run the ``index``-th walk of the study (one per temperature, then Langevin) and save it (a task)."""
     from .config import StudyConfig
@@ -844,14 +848,22 @@ def walk_task(cfg_json: str, out: str, index: int, progress: bool = False, tag: 
     full = build_problem(cfg)
     starts = alive_replicas(store, full).theta[: c.starts]
     problem = subset_problem(full, c.n_data)
+    # the walkers' whole state is checkpointed every WALK_CHECKPOINT_EVERY steps: an interrupted stage resumes
+    # mid-walk, bit-identical to an uninterrupted one (the file is discarded once the stage is gathered)
+    ckpt_rel = f"checkpoints/walk-{tag}-{index}.safetensors"
+    store.claim(ckpt_rel)
+    store.claim(ckpt_rel + ".prev")
+    ckpt = store.resolve(ckpt_rel)
+    ckpt.parent.mkdir(exist_ok=True)
+    kw = dict(n_walkers=c.n_walkers, record_every=c.record_every, seed=cfg.seed, progress=progress, checkpoint=ckpt,
+              checkpoint_every=WALK_CHECKPOINT_EVERY)
     if index < len(c.temperatures):
         t = c.temperatures[index]
-        r = W.random_walk(problem, starts, n_walkers=c.n_walkers, steps=c.steps, step_size=c.step_size,
-                          temperature=None if t == "none" else float(t), normalize=c.normalize,
-                          record_every=c.record_every, seed=cfg.seed, progress=progress)
+        r = W.random_walk(problem, starts, steps=c.steps, step_size=c.step_size,
+                          temperature=None if t == "none" else float(t), normalize=c.normalize, **kw)
     else:
         r = W.langevin(problem, starts, temperature=c.langevin_temperature, lr=c.langevin_lr, steps=c.langevin_steps,
-                       n_walkers=c.n_walkers, record_every=c.record_every, seed=cfg.seed, progress=progress)
+                       **kw)
     store.write_tensors(name, {k: getattr(r, k).contiguous() for k in _WALK_ARRAYS})
     store.write_json(f"{name}.json", {"kind": r.kind, "params": r.params, "test_steps": r.test_steps,
                                       "snapshot_steps": r.snapshot_steps})
