@@ -3,6 +3,7 @@ transformer (vmap, token inputs) through every protocol; the modular arithmetic 
 steps and the timeline stage of the grokking preset."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,3 +210,39 @@ def test_grokking_preset_at_tiny_size_keeps_snapshots_and_measures_the_timeline(
     assert np.allclose(last["train_accuracy"], store.read_table("replicas")["train_accuracy"], atol=1e-6)
     assert keep_steps("log", 5, 1000) == [0, 1, 10, 100, 1000]
     assert keep_steps([5, 0, 5], 12, 10) == [0, 5]
+    # the report and the dashboard show it
+    from lossglass.dashboard.collect import _panels
+    from lossglass.report import build_report
+    from lossglass.report.base import RunView
+
+    html = open(build_report(store)).read()
+    assert 'id="timeline"' in html and "4 snapshots from step 0 to 18" in html
+    assert (store.path / "figures" / "timeline.png").exists()
+    assert any(sec["id"] == "timeline" for sec in _panels(RunView(store), "r0"))
+
+
+def _curve(train, test, lam=(1.0, 1.0, 1.0, 1.0)):
+    steps = [0, 10, 100, 1000]
+    rows = [{"step": s, "kind": "replica", "replica": r, "train_accuracy": a, "test_accuracy": b, "lambda_max": l_,
+             "basin_radius": 1.0, "weight_norm": 5.0} for s, a, b, l_ in zip(steps, train, test, lam) for r in (0, 1)]
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("train,test,said,not_said", [
+    ((0.1, 1.0, 1.0, 1.0), (0.1, 0.3, 0.5, 0.95), "only at step 1000, 100.0× later than memorisation (grokking)",
+     "no delayed"),
+    ((0.1, 1.0, 1.0, 1.0), (0.1, 0.95, 0.96, 0.97), "no delayed generalisation", "grokking"),
+    ((0.1, 0.5, 0.6, 0.7), (0.1, 0.3, 0.4, 0.5), "never memorise", "grokking"),
+    ((0.1, 1.0, 1.0, 1.0), (0.1, 0.2, 0.3, 0.4), "no generalisation step within the run", "grokking"),
+])
+def test_timeline_caption_follows_constructed_curves(train, test, said, not_said):
+    from lossglass.report import timeline as T
+
+    class View:
+        def table(self, name):
+            return _curve(train, test, lam=(1.0, 2.0, 50.0, 10.0))
+
+    text = T.caption(T.timeline_data(View()))
+    assert said in text and not_said not in text, text
+    if "grokking" in said:
+        assert "λ_max falls (2 → 10)" not in text and "λ_max rises (2 → 10)" in text  # memorised at 10, grokked at 1000

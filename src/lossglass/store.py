@@ -40,7 +40,7 @@ import torch
 from .errors import LossglassError, check
 
 #: Stages in the order a study runs them (``info`` and the report list them in this order).
-STAGE_ORDER = ("train", "walk", "connect", "replicas", "curvature", "select", "reference", "report")
+STAGE_ORDER = ("train", "timeline", "walk", "connect", "replicas", "curvature", "select", "reference", "report")
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 MANIFEST = ".lossglass/manifest"

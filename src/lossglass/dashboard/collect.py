@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LossglassError, check
-from ..report import connect, curvature, replicas, selection, train, walk
+from ..report import connect, curvature, replicas, selection, timeline, train, walk
 from ..report.base import PALETTE, RunView, finite
 from ..store import STAGE_ORDER
 
 #: the report's protocol layers, in page order: (section id, heading, layer)
-LAYERS = (("train", "Replicas", train), ("walk", "Protocol 1 — random walks and Monte Carlo", walk),
+LAYERS = (("train", "Replicas", train), ("timeline", "The landscape over training time", timeline),
+          ("walk", "Protocol 1 — random walks and Monte Carlo", walk),
           ("connect", "Protocol 2 — permutations, barriers and connectivity", connect),
           ("replicas", "Protocol 3 — overlaps, the Parisi tree and ultrametricity", replicas),
           ("curvature", "Protocol 4 — curvature, flatness and generalisation", curvature))

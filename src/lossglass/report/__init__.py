@@ -5,6 +5,7 @@ One small layer per protocol offers, for each figure, the data it needs (read fr
 and a plotly drawer, plus the report section and the dashboard panels built from them:
 
 - :mod:`.train` — accuracy of every replica;
+- :mod:`.timeline` — the landscape over training time (snapshots kept by ``train.keep_at``);
 - :mod:`.walk` — protocol 1: energy along walks, energy against distance, MSD, aging;
 - :mod:`.connect` — protocol 2: permutation barriers, paths, loss planes (heatmap and 3-D surface), width;
 - :mod:`.replicas` — protocol 3: P(q), dendrogram, Parisi matrix, triangles;

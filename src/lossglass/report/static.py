@@ -1,6 +1,6 @@
 """The static report: ``figures/`` (PNG + SVG) and one self-contained ``report.html`` (images embedded) with a summary
-of findings, a section per protocol (drawn by the protocol's layer: :mod:`.train`, :mod:`.walk`, :mod:`.connect`,
-:mod:`.replicas`, :mod:`.curvature`, then :mod:`.selection`), captions, the tables behind the figures, and the
+of findings, a section per protocol (drawn by the protocol's layer: :mod:`.train`, :mod:`.timeline`, :mod:`.walk`,
+:mod:`.connect`, :mod:`.replicas`, :mod:`.curvature`, then :mod:`.selection`), captions, the tables behind the figures, and the
 config, seed, versions and run times at the end.
 
 Rebuilding it (``lossglass report RUN``) reads only saved data; output is byte-for-byte stable apart from the one
@@ -15,11 +15,11 @@ import time
 import matplotlib
 
 from ..store import RunStore
-from . import connect, curvature, replicas, selection, train, walk
+from . import connect, curvature, replicas, selection, timeline, train, walk
 from .base import STYLE, Page, RunView, esc, fmt
 
 #: the sections in report order, each a ``section(page)`` of one layer
-SECTIONS = (("train", train.section), ("walk", walk.section), ("connect", connect.section),
+SECTIONS = (("train", train.section), ("timeline", timeline.section), ("walk", walk.section), ("connect", connect.section),
             ("replicas", replicas.section), ("curvature", curvature.section), ("selection", selection.section))
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
