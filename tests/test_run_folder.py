@@ -25,7 +25,6 @@ seed = 2
 name = "digits"
 n_train = 300
 n_test = 100
-n_val = 60
 [model]
 hidden = 8
 [train]
@@ -59,14 +58,20 @@ def _run(*args):
     return main(["run", *map(str, args), "--quiet"])
 
 
+def _with_val(path):
+    """A tiny config with a validation split, so that select chooses and exports a replica."""
+    path.write_text(path.read_text().replace("n_test = 100", "n_test = 100\nn_val = 60"))
+    return path
+
+
 def test_force_with_fewer_stages_leaves_nothing_of_the_old_run(tmp_path):
     out = tmp_path / "r"
-    assert _run(_tiny(tmp_path), "--out", out) == 0
+    assert _run(_with_val(_tiny(tmp_path)), "--out", out) == 0
     for old in ("tables/flatness.parquet", "tables/kendall.parquet", "selection.json", "figures/flatness_vs_gap.png"):
         assert (out / old).exists(), old
     assert list((out / "selected").glob("*.safetensors"))
     (out / "my-notes.txt").write_text("mine")  # a user's own file in the folder
-    cfg = _tiny(tmp_path, name="new.toml")
+    cfg = _with_val(_tiny(tmp_path, name="new.toml"))
     cfg.write_text(cfg.read_text().replace("lr = 0.05", "lr = 0.02").replace("[curvature]", "[curvature]\nenabled = false"))
     assert _run(cfg, "--out", out, "--force") == 0
     store = lg.RunStore(out, create=False)
