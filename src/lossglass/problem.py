@@ -546,6 +546,20 @@ class Problem:
         return all(getattr(cls, n) is getattr(Problem, n) for n in ("_loss", "forward", "_forward_mlp", "_linear",
                                                                      "_output_layer", "batch_loss"))
 
+    def _bmm_into(self, g: torch.Tensor, block, a: torch.Tensor, b: torch.Tensor) -> None:
+        """g[:, block] <- a @ b (batched over replicas). The product goes to a contiguous scratch buffer (kept between
+        calls) and is then copied into its slice of g: a batched GEMM whose output rows are P apart runs about twice as
+        slow on oneDNN/MKL as one into contiguous memory plus the copy (8.1 vs 3.7 ms for 32 x (64 x 128 @ 128 x 784))."""
+        k = g.shape[0]
+        shape = (k, *block.shape)
+        scratch = self.__dict__.setdefault("_scratch", {})
+        key = (shape, g.dtype, g.device)
+        buf = scratch.get(key)
+        if buf is None:
+            buf = scratch[key] = torch.empty(shape, dtype=g.dtype, device=g.device)
+        torch.bmm(a, b, out=buf)
+        g[:, block.slice].view(shape).copy_(buf)
+
     def _mlp_batch_grad(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                         mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor] | None:
         """:meth:`batch_loss_and_grad` for an MLP on per-replica batches ``x`` ``(K, B, D)``, by hand: the forward pass
@@ -596,7 +610,7 @@ class Problem:
                 do = diff.mul_(s)
             do = torch.where(keep.view(k, 1, 1), do, 0.0)  # nothing from a masked or non-finite replica
             g = torch.empty_like(theta)
-            torch.bmm(do, h, out=g[:, last.w.slice].view(k, *last.w.shape))
+            self._bmm_into(g, last.w, do, h)
             if last.b is not None:
                 torch.sum(do, 2, out=g[:, last.b.slice])
             dh = torch.bmm(do.transpose(1, 2), w_last)  # (K, B, H)
@@ -605,7 +619,7 @@ class Problem:
                 layer = layers[li]
                 op, a = pre[li]
                 dz = self._ACT_BACKWARD[op](dh, a)
-                torch.bmm(dz.transpose(1, 2), hs[li], out=g[:, layer.w.slice].view(k, *layer.w.shape))
+                self._bmm_into(g, layer.w, dz.transpose(1, 2), hs[li])
                 if layer.b is not None:
                     torch.sum(dz, 1, out=g[:, layer.b.slice])
                 if li > 0:
