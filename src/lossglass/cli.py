@@ -134,10 +134,7 @@ def cmd_info(a) -> int:
     print(f"run folder: {store.path}")
     print(f"name: {meta.get('name')}  seed: {meta.get('seed')}  device: {meta.get('device')}")
     print(f"started: {meta.get('started')}  finished: {meta.get('finished') or 'not yet'}")
-    from .study import STAGES
-
-    done = store.stages()
-    for k, v in sorted(done.items(), key=lambda kv: STAGES.index(kv[0]) if kv[0] in STAGES else len(STAGES)):
+    for k, v in store.stages().items():  # in run order
         what = f"skipped ({v['skipped']})" if v.get("skipped") else f"done in {v.get('seconds', 0):.1f} s"
         print(f"  stage {k:<10} {what}")
     if store.has_tensors("replicas"):

@@ -27,10 +27,11 @@ from .datasets import Dataset, load
 from .errors import LossglassError, check
 from .models import mlp
 from .problem import Problem
-from .store import RunStore
+from .store import STAGE_ORDER, RunStore
 from .train import Replicas, train
 
-STAGES = ("train", "timeline", "walk", "connect", "replicas", "curvature", "select", "reference", "report")
+#: the stages in run order (one list, kept in the store: run folders order their records by it too)
+STAGES = STAGE_ORDER
 #: what each stage's results depend on: config sections and earlier stages (a stage is redone, with everything that
 #: depends on it, when the fingerprint of these inputs changes)
 SECTIONS = {"train": ("seed", "device", "data", "model", "train"), "timeline": ("timeline",), "walk": ("walk",),
