@@ -356,7 +356,7 @@ def build_graph(model: nn.Module, x: torch.Tensor) -> tuple[Graph | None, str]:
                 index[node] = None
                 continue
             if len(shape) == 0 or shape[0] != batch:
-                raise _Unsupported(f"{_describe(node, mods)} (it does not keep the batch dimension first)")
+                raise _Unsupported(f"{describe_node(node, mods)} (it does not keep the batch dimension first)")
             op = _graph_op(node, mods, shape[1:], arg)
             index[node] = len(ops)
             ops.append(op)
@@ -371,19 +371,22 @@ class _Unsupported(Exception):
     pass
 
 
-def _describe(node, mods) -> str:
+def describe_node(node, mods) -> str:
+    """A traced node in words, for messages that name what cannot be handled (here and in
+    :func:`lossglass.symmetry.derive_spec`)."""
     if node.op == "call_module":
         return f"module {node.target!r} ({type(mods[node.target]).__name__})"
     if node.op == "call_method":
         return f"method .{node.target}() (node {node.name!r})"
     if node.op == "get_attr":
         return f"attribute {node.target!r} used directly (not through a module)"
-    return f"{getattr(node.target, '__module__', '')}.{getattr(node.target, '__name__', node.target)} (node {node.name!r})"
+    t = node.target
+    return f"{getattr(t, '__module__', None) or 'builtin'}.{getattr(t, '__name__', t)} (node {node.name!r})"
 
 
 def _graph_op(node, mods, shape: tuple, arg) -> GraphOp:
     """The :class:`GraphOp` of one fx node, or raise :class:`_Unsupported` naming it."""
-    what = _describe(node, mods)
+    what = describe_node(node, mods)
     if node.op == "call_module":
         m = mods[node.target]
         a = (arg(node.args[0]),)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ._util import as_batch, seed_for
 from .errors import LossglassError, check, choice
+from .layers import describe_node
 from .problem import Problem
 
 Perm = dict[str, torch.Tensor]
@@ -446,17 +447,6 @@ def _unsupported(what: str) -> LossglassError:
         "permutation_rule() method on the module (see lossglass.models.Attention)")
 
 
-def _describe_node(node, mods) -> str:
-    if node.op == "call_module":
-        return f"module {node.target!r} ({type(mods[node.target]).__name__})"
-    if node.op == "call_method":
-        return f"the method .{node.target}() (node {node.name!r})"
-    if node.op == "get_attr":
-        return f"attribute {node.target!r}"
-    t = node.target
-    return f"{getattr(t, '__module__', None) or 'builtin'}.{getattr(t, '__name__', t)} (node {node.name!r})"
-
-
 def _pos(axis: int, ndim: int) -> int:
     return axis % ndim
 
@@ -594,7 +584,7 @@ def _analyse(model: nn.Module, example_input: torch.Tensor):
         return v if keep else _Val(a - sum(1 for d in dims if d < a) - len(s_out), v.group, v.block, v.outer)
 
     for node in gm.graph.nodes:
-        what = _describe_node(node, mods)
+        what = describe_node(node, mods)
         s_out = shapes.get(node.name)
         if node.op == "placeholder":
             vals[node.name] = None
