@@ -9,26 +9,17 @@ import torch
 import torch.nn.functional as F
 
 import lossglass as lg
-from lossglass.datasets import from_tensors
 from lossglass.protocols import curvature as K
 from lossglass.symmetry import spec_of
 
+from .conftest import image_task
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (a loaded 2-core machine otherwise spends its time synchronising)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(96, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:, :4].mean((1, 2)) > 0.1).long()
-    return from_tensors(x[:64], y[:64], x[64:], y[64:], n_classes=3)
+    return image_task(64, 32)
 
 
 @pytest.fixture(scope="module")

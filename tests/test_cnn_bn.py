@@ -4,25 +4,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import lossglass as lg
-from lossglass.datasets import from_tensors
 
+from .conftest import image_task
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are tiny: intra-op threads only add synchronisation, which costs tens of seconds on a
-    loaded machine. One thread for this module, restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(300, 1, 8, 8, generator=g)
-    y = ((x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:, :4].mean((1, 2)) > 0.1).long())
-    return from_tensors(x[:240], y[:240], x[240:], y[240:], n_classes=3)
+    return image_task(240, 60)
 
 
 @pytest.fixture(scope="module")

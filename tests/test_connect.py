@@ -8,14 +8,7 @@ from lossglass.protocols.connect import barrier_of, filter_normalize, width_barr
 
 from .conftest import needs_fmnist
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add synchronisation (costly on a loaded machine). Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "deep"])

@@ -5,14 +5,7 @@ from torch import nn
 
 import lossglass as lg
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Small tensors: intra-op threads only add synchronisation (costly on a loaded machine). Restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _module_loss(prob, theta, x, y):

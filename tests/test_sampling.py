@@ -11,15 +11,7 @@ import lossglass as lg
 from lossglass import sampling as S
 from lossglass.protocols import replicas as R
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """These tensors are tiny: on a shared 2-core machine, torch's intra-op threads spin against other processes
-    and make each small op ~50x slower (measured: 2 ms instead of 45 us). One thread for this module."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------- the SK model

@@ -8,25 +8,16 @@ from torch import nn
 
 import lossglass as lg
 from lossglass.byo import import_checkpoints
-from lossglass.datasets import from_tensors
 from lossglass.symmetry import _entries, derive_spec, mlp_spec, permute_state, spec_of
 
+from .conftest import image_task
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread (a loaded 2-core machine otherwise spends its time synchronising)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def images():
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(120, 1, 8, 8, generator=g)
-    y = (x[:, 0, :4].mean((1, 2)) > 0).long() + (x[:, 0, 4:, :4].mean((1, 2)) > 0.1).long()
-    return from_tensors(x[:100], y[:100], x[100:], y[100:], n_classes=3)
+    return image_task(100, 20)
 
 
 class ResidualBN(nn.Module):
