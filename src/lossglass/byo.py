@@ -127,11 +127,11 @@ def export_state(problem, theta: torch.Tensor, path: str | Path, metadata: dict 
     """Write one replica as a standalone safetensors ``state_dict`` loadable into the user's model
     (``load_state_dict(strict=True)``; BatchNorm running statistics included). With ``store``, ``path`` is relative to
     the run folder and the write goes through it (atomic, recorded, never through a link out of the folder)."""
-    from safetensors.torch import save
+    from .store import safetensors_bytes
 
     module = problem.to_module(theta.reshape(-1))  # includes BatchNorm statistics at theta
     sd = {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
-    data = save(sd, metadata={k: str(v) for k, v in (metadata or {}).items()})
+    data = safetensors_bytes(sd, metadata)
     if store is not None:
         return store.write_bytes(path, data)
     from .store import atomic_write_bytes

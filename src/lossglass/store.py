@@ -269,10 +269,7 @@ class RunStore:
         return "replicas.safetensors" if name == "replicas" else f"tensors/{name}.safetensors"
 
     def write_tensors(self, name: str, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> Path:
-        from safetensors.torch import save
-
-        data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-                    metadata={k: str(v) for k, v in (metadata or {}).items()})
+        data = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata)
         return self.write_bytes(self._tensor_rel(name), data)
 
     def read_tensors(self, name: str) -> dict[str, torch.Tensor]:
@@ -321,6 +318,27 @@ class RunStore:
     def _signature(self) -> str:
         cfg = (self.path / "config.toml").read_bytes() if (self.path / "config.toml").is_file() else b""
         return hmac.new(_user_key(), str(self._root).encode() + b"\0" + cfg, hashlib.sha256).hexdigest()
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> bytes:
+    """safetensors bytes with the metadata in sorted key order. safetensors keeps the metadata in a hash map, whose
+    order changes from process to process, so two files with the same tensors and metadata differed in their header:
+    the header is rewritten with sorted metadata (same tensors, same offsets, padded to 8 bytes as the format asks)."""
+    import json
+    import struct
+
+    from safetensors.torch import save
+
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    data = save(tensors, metadata=meta or None)
+    if len(meta) < 2:
+        return data
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + n:]
 
 
 def load_tensors_bytes(data: bytes, source: Path | str) -> dict[str, torch.Tensor]:
