@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import bench_connect  # noqa: E402
 import bench_curvature  # noqa: E402
+import bench_kernel  # noqa: E402
 import bench_paper  # noqa: E402
 import bench_scaling  # noqa: E402
 import bench_train  # noqa: E402
@@ -132,6 +133,7 @@ def main() -> None:
     curv = bench_curvature.main(quick)
     scale = bench_scaling.main(quick)
     paper = bench_paper.main(quick)
+    kernel = bench_kernel.main(quick)
     rate_end = matmul_gflops()
     issue_rows = [connect[0], train[0], train[1], curv[0], walk[0], walk[1]]
     table, unmet = _issue_table(issue_rows, rate)
@@ -160,7 +162,9 @@ def main() -> None:
                         ("Walkers vs a Python loop over walkers", walk),
                         ("Planes and alignment vs loss-landscapes and rebasin", connect),
                         ("Top Hessian eigenvalue vs PyHessian", curv),
-                        ("Scaling with the number of replicas (energy of K replicas, best of 3)", scale)):
+                        ("Scaling with the number of replicas (energy of K replicas, best of 3)", scale),
+                        ("The fused CPU kernel vs the torch path (LOSSGLASS_NATIVE=0): energies and a plane; "
+                         "speed-up = torch path / kernel", kernel)):
         text.append(f"## {title}\n\n{_table(rows)}\n")
     text.append(_paper_section(paper))
     Path(__file__).parent.parent.joinpath("BENCHMARKS.md").write_text("\n".join(text))

@@ -50,7 +50,7 @@ def tf32(tokens):
 # ---------------------------------------------------------------------------- the two models in a Problem
 def test_resnet_energy_and_gradient_are_those_of_the_module_with_training_set_statistics(res64):
     prob = res64
-    assert prob.batchnorm == "recompute" and type(prob._seq).__name__ == "Graph" and len(prob._bn) == 9
+    assert prob.batchnorm == "recompute" and prob.backend.name == "graph" and len(prob.backend.bn_layers) == 9
     theta = prob.init(3, 0)
     x, y = prob.data["train"]
     e, g = prob.energy_and_grad(theta)
@@ -75,7 +75,7 @@ def test_resnet_energy_and_gradient_are_those_of_the_module_with_training_set_st
 
 def test_transformer_reads_float_token_ids_and_matches_the_module(tf64, tokens):
     prob = tf64
-    assert prob.batchnorm == "recompute" and prob._seq is None and prob._plan is None  # the vmap path
+    assert prob.batchnorm == "recompute" and prob.backend.name == "vmap"  # the vmap path
     assert torch.equal(tokens.x_train, tokens.x_train.round()) and tokens.x_train.dtype == torch.float32
     theta = prob.init(2, 0)
     x, y = prob.data["train"]
@@ -101,8 +101,8 @@ def test_derived_spec_preserves_outputs_and_alignment_recovers_the_permutation(n
     moved = lg.permute(prob, theta, perm)
     assert float((moved - theta).abs().max()) > 1e-2
     x = prob.data["test"][0]
-    stats_a = prob._eval_stats(theta[None])
-    stats_b = prob._eval_stats(moved[None])
+    stats_a = prob.evaluation_statistics(theta[None])
+    stats_b = prob.evaluation_statistics(moved[None])
     out_a, out_b = prob.forward(theta[None], x, stats_a), prob.forward(moved[None], x, stats_b)
     assert float((out_a - out_b).abs().max()) < 1e-5
     aligned, found = lg.align(prob, theta, moved)
@@ -181,7 +181,8 @@ def test_snapshots_at_chosen_steps_are_the_replicas_at_those_steps(tf64):
 
 
 def test_grokking_preset_at_tiny_size_keeps_snapshots_and_measures_the_timeline(tmp_path):
-    from lossglass.study import TIMELINE_COLUMNS, keep_steps
+    from lossglass.stages.timeline import TIMELINE_COLUMNS
+    from lossglass.stages.train import keep_steps
 
     overrides = ["data.p=7", "model.d_model=8", "model.n_heads=2", "train.epochs=6", "train.batch_size=8",
                  "train.keep_at=[0, 3, 9, 18]", "timeline.walk_steps=3", "timeline.walkers=2", "timeline.n_points=3"]

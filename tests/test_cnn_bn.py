@@ -28,7 +28,7 @@ def _reference_loss(prob, theta, x, y):
 
 def test_cnn_forward_equals_module_with_recomputed_statistics(cnn_problem, images):
     prob = cnn_problem
-    assert prob._seq is not None and prob._bn
+    assert prob.backend.name == "stack" and prob.has_batchnorm
     theta = prob.init(3, 0)
     e = prob.energy(theta)
     x, y = prob.data["train"]
@@ -102,9 +102,17 @@ def test_fixed_statistics_mode(images):
     full = lg.Problem(lg.models.cnn((1, 8, 8), channels=(3, 4), n_classes=3), images, dtype=torch.float64)
     reps = lg.train(full, 2, epochs=3, batch_size=40, lr=0.05, progress=False)
     a, b = reps.theta
-    with pytest.raises(lg.LossglassError, match="freeze_batchnorm"):
+    with pytest.raises(lg.LossglassError, match="with_frozen_batchnorm"):
         prob.energy(a)
-    prob.freeze_batchnorm(a)
+    frozen = prob.with_frozen_batchnorm(a)
+    assert frozen is not prob and frozen.batchnorm == "fixed" and frozen.model is prob.model
+    with pytest.raises(lg.LossglassError, match="with_frozen_batchnorm"):
+        prob.energy(a)  # a new problem: this one is unchanged
+    # freezing a recompute problem at a gives the same energy, and leaves the recompute problem as it was
+    assert torch.equal(full.with_frozen_batchnorm(a).energy(b), frozen.energy(b))
+    assert full.batchnorm == "recompute"
+    assert frozen.subset(100).bn_policy.frozen is frozen.bn_policy.frozen  # carried over to a subset
+    prob = frozen
     path = lg.interpolate(prob, a, b, n_points=5)
     assert path.train_loss[0] == pytest.approx(float(full.energy(a)), abs=1e-12)  # at the reference: identical
     assert abs(path.train_loss[-1] - float(full.energy(b))) > 1e-6  # B judged with A's statistics: different
@@ -136,7 +144,7 @@ def test_batchnorm_derivatives_are_those_of_the_energy(images, mode):
     assert prob.chunk_size(1) < 240 and prob.chunk_size(8) < prob.chunk_size(1)
     theta = prob.init(8, 0)
     if mode == "fixed":
-        prob.freeze_batchnorm(theta[0])
+        prob = prob.with_frozen_batchnorm(theta[0])
     gen = torch.Generator().manual_seed(1)
     v, w = _unit(gen, theta.shape), _unit(gen, theta.shape)
     for k in (1, 8):

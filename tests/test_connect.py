@@ -88,9 +88,9 @@ def test_planes(tiny):
     assert torch.allclose(tiny.energy(theta[0] + 0.5 * d[0] - 0.25 * d[1]).double(),
                           torch.tensor(pl.train_loss[4, 1], dtype=torch.float64))
     fn = filter_normalize(tiny, torch.randn(tiny.n_params, dtype=torch.float64), theta[0])
-    w = tiny._info["0.weight"]
+    w = tiny.layout["0.weight"]
     assert torch.allclose(fn[w.slice].reshape(w.shape).norm(dim=1), theta[0, w.slice].reshape(w.shape).norm(dim=1))
-    assert float(fn[tiny._info["0.bias"].slice].abs().sum()) == 0.0
+    assert float(fn[tiny.layout["0.bias"].slice].abs().sum()) == 0.0
     thr = lg.plane_through(tiny, theta[0], theta[1], theta[2], steps=6)
     (bx, by), (cx, cy) = thr.points["B"], thr.points["C"]
     assert (bx, by) == (1.0, 0.0)

@@ -31,7 +31,7 @@ def test_top_eigenvalues_match_dense_hessian(tiny, trained):
     batched = K.top_eigenvalues(tiny, trained.theta, k=1, tol=1e-6)
     assert batched.values.shape == (3, 1)
     layer = K.top_eigenvalues(tiny, trained.theta[0], k=1, tol=1e-8, layer="2.weight")
-    s = tiny._info["2.weight"].slice
+    s = tiny.layout["2.weight"].slice
     assert float(layer.values[0]) == pytest.approx(float(torch.linalg.eigvalsh(_dense(tiny, trained.theta[0])[s, s])[-1]),
                                                    rel=1e-4)
 

@@ -90,7 +90,7 @@ def test_static_file_is_offline_escaped_and_marks_damage(runs, tmp_path):
     from lossglass.dashboard.collect import collect_run
 
     evil = collect_run(runs / "evil", 2)
-    assert evil["status"] == "incomplete" and any("replicas" in p for p in evil["problems"])
+    assert evil["status"] == "damaged" and any("replicas" in p for p in evil["problems"])
     assert [s["state"] for s in evil["stages"] if s["name"] == "train"] != ["running"]  # pid gone, damaged record
     alpha = collect_run(runs / "alpha", 0)
     assert alpha["status"] == "complete", alpha["problems"]
@@ -253,9 +253,9 @@ def test_dashboard_in_headless_chromium(runs, tmp_path):
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         seen = _watch(page)
         _after(page, lambda: page.goto(out.as_uri()))
-        # the overview: three rows, the damaged one incomplete, nothing injected
+        # the overview: three rows, the one with a damaged file marked damaged, nothing injected
         assert page.locator("#overview tbody tr").count() == 3
-        assert page.locator(f'#overview tr[data-run="{ids["evil"]}"] .badge').inner_text() == "incomplete"
+        assert page.locator(f'#overview tr[data-run="{ids["evil"]}"] .badge').inner_text() == "damaged"
         assert page.evaluate("window.pwned") is None
         # sort by best accuracy, both ways, and filter
         col = "#overview tbody td[data-key='acc_best']"

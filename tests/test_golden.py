@@ -32,6 +32,7 @@ def test_the_golden_run_writes_the_same_files_fingerprints_and_tasks(golden):
     assert got["stages"] == want["stages"], REGEN
     assert got["inputs"] == want["inputs"], REGEN
     assert got["claimed"] == want["claimed"], REGEN
+    assert got["manifest"] == want["manifest"], REGEN
     assert got["schemas"] == want["schemas"], REGEN
 
 

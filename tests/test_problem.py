@@ -180,3 +180,33 @@ def test_manifold_arguments_are_checked():
     assert bare.has_projector() and bare.manifold is None
     with pytest.raises(lg.LossglassError, match="declares no manifold"):
         bare.hessian_operator(torch.ones(1, 3))
+
+
+def test_both_kinds_implement_the_energy_interface_without_inheriting_each_other(tiny):
+    """Problem and the function-defined problems share the Energy interface; FunctionProblem is no Problem (it
+    used to subclass it while skipping its __init__), and protocols ask ``has_data`` instead of the type."""
+    from lossglass.energy import Energy, FunctionProblem
+
+    quad = lg.models.quadratic(torch.diag(torch.tensor([1.0, 2.0])))
+    ising = lg.models.sk(6)
+    for p, data in ((tiny, True), (quad, False), (ising, False), (lg.models.spherical_pspin(5, 3), False)):
+        assert isinstance(p, Energy) and p.has_data is data
+        assert p.layout.n_params == p.n_params and [e.name for e in p.params] == p.layout.names
+    assert not isinstance(quad, lg.Problem) and not issubclass(FunctionProblem, lg.Problem)
+    assert lg.Problem.from_function(lambda t: t.sum(-1), 3).has_data is False
+    assert quad.subset(10) is quad and tiny.subset(None) is tiny and not quad.is_mlp
+    th = torch.tensor([[1.0, 1.0]], dtype=torch.float64)
+    ev = quad.evaluate_affine(th[0], torch.eye(2, dtype=torch.float64), torch.tensor([[0.0, 0.0], [1.0, -1.0]]))
+    assert ev["loss"].tolist() == [1.5, 2.0] and bool(ev["accuracy"].isnan().all())  # E(1,1), E(2,0)
+
+
+def test_affine_families_of_a_network_without_a_first_layer_shortcut(teacher_ds):
+    """A vmap-path network evaluates affine families as replicas, in blocks: the same numbers as evaluate()."""
+    prob = lg.Problem(Odd(), teacher_ds, device="cpu", dtype=torch.float64)
+    assert not prob.backend.first_layer_affine
+    c = prob.init(1, 0)[0]
+    d = torch.randn(2, prob.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    coeffs = torch.randn(7, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    res = prob.evaluate_affine(c, d, coeffs, "test", block=3)
+    ev = prob.evaluate(c + coeffs @ d, "test")
+    assert torch.allclose(res["loss"], ev["loss"], atol=1e-14) and torch.equal(res["accuracy"], ev["accuracy"])

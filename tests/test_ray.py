@@ -55,17 +55,19 @@ def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head
 def test_finished_tasks_are_not_recomputed(tmp_path):
     from lossglass.config import load_config
     from lossglass.executor import LocalExecutor
-    from lossglass.study import train_task
+    from lossglass.stages import stage
+    from lossglass.stages.train import TrainChunk
 
     cfg = load_config(_cfg(tmp_path, epochs=1), overrides=["train.chunk=3"])
     study = Study(cfg, tmp_path / "run", progress=False, executor=LocalExecutor())
     study.prepare()
-    tasks = study.train_tasks()
-    assert [t[3:5] for t in tasks] == [(0, 3), (3, 6)]
-    name = train_task(*tasks[0])
+    ctx, train = study.context(), stage("train")
+    tasks = train.tasks(ctx)
+    assert tasks == [TrainChunk(0, 0, 3), TrainChunk(0, 3, 6)]
+    [name] = ctx.run_tasks(train, tasks[:1])
     path = study.store.tensor_path(name)
     stamp = path.stat().st_mtime_ns
-    assert train_task(*tasks[0]) == name and path.stat().st_mtime_ns == stamp
+    assert ctx.run_tasks(train, tasks[:1]) == [name] and path.stat().st_mtime_ns == stamp
     study.run(("train",))
     assert study.store.read_tensors("replicas")["theta"].shape[0] == 6
     assert not path.exists()  # task files are gathered, then removed

@@ -7,7 +7,9 @@ import numpy as np
 import pandas as pd
 
 from lossglass.config import load_config
+from lossglass.protocols.replicas import analyse_overlaps
 from lossglass.report import build_report
+from lossglass.stages.replicas import write_analysis
 from lossglass.study import Study
 
 from .test_run_folder import _tiny
@@ -31,10 +33,11 @@ def _nested(rng, dim=200):
 def _report_of(tmp_path, name, x):
     study = Study(load_config(_tiny(tmp_path)), tmp_path / name, progress=False)
     study.prepare()
-    summary, pq = [], []
-    study._replica_analysis("network-aligned", np.clip(x @ x.T, -1, 1), summary, pq)
+    a = analyse_overlaps(np.clip(x @ x.T, -1, 1), label="network-aligned")
+    write_analysis(study.store, a)
+    summary = [a.row]
     study.store.write_table("replica_summary", pd.DataFrame(summary))
-    study.store.write_table("pq", pd.concat(pq))
+    study.store.write_table("pq", pd.DataFrame({"label": "network-aligned", "q": a.pq}))
     html = open(build_report(study.store)).read()
     return html, summary[0]
 

@@ -186,7 +186,7 @@ def test_walk_stage_resumes_mid_walk_from_its_checkpoint(tmp_path, monkeypatch):
     WALK_CHECKPOINT_EVERY fewer energy evaluations than a walk from the start) and its table equals that of a run
     that was never interrupted."""
     from lossglass.problem import Problem
-    from lossglass.study import WALK_CHECKPOINT_EVERY
+    from lossglass.stages.walk import WALK_CHECKPOINT_EVERY
 
     steps = 2 * WALK_CHECKPOINT_EVERY + 10
     (tmp_path / "long.toml").write_text(_cfg(tmp_path).read_text().replace("steps = 12", f"steps = {steps}"))

@@ -61,7 +61,7 @@ def test_derived_spec_of_a_cnn_stack_adds_the_running_statistics(images):
 
     prob = lg.Problem(lg.models.cnn((1, 8, 8), channels=(3, 4), n_classes=3), images, dtype=torch.float64)
     derived = spec_of(prob).perms
-    hand = layers.spec(prob, prob._seq)
+    hand = layers.spec(prob.layout, prob.backend.ops)
     assert list(derived) == list(hand) == ["P0", "P1"]
     for name in hand:
         params_only = tuple(e for e in derived[name] if not e[0].endswith(("running_mean", "running_var")))

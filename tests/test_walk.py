@@ -140,7 +140,7 @@ def test_start_from_replicas_and_filter_normalisation(tiny):
     assert res.n_walkers == 6 and res.start_index.tolist() == [0, 0, 1, 1, 2, 2]
     assert torch.allclose(res.energy[0], torch.repeat_interleave(tiny.energy(reps.theta), 2).double())
     scale = W.step_scale(tiny, reps.theta, "filter")
-    w = tiny._info["0.weight"]
+    w = tiny.layout["0.weight"]
     row = reps.theta[0, w.slice].reshape(w.shape)[0]
     assert torch.allclose(scale[0, w.offset], row.norm() / math.sqrt(row.numel()))
     tab = res.table()

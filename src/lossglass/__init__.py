@@ -30,6 +30,9 @@ from ._determinism import numerics as numerics  # noqa: I001
 from . import datasets, models
 from .errors import LossglassError
 from .problem import FunctionProblem, Problem
+from .batchnorm import BatchNormPolicy
+from .energy import Energy
+from .layout import ParamLayout
 from . import curvature
 from .protocols.connect import (
     PathResult,
@@ -58,7 +61,7 @@ from .store import RunStore
 from .symmetry import PermutationSpec, align, permute, random_permutation, swap_permutation
 from .train import Replicas, descend, train
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 
 def run_study(config, out=None, **kwargs):
@@ -76,4 +79,5 @@ __all__ = [
     "overlaps", "overlap_distribution", "hierarchy", "ultrametricity", "curvature", "sharpness", "local_entropy",
     "run_study", "numerics", "Sphere", "FlatnessProbe", "describe_ultrametricity", "distances_from_overlaps",
     "kaplan_meier", "km_quantile", "parallel_tempering", "PTResult", "overlap_samples", "overlap_matrix",
+    "Energy", "ParamLayout", "BatchNormPolicy",
 ]

@@ -1,40 +1,64 @@
-"""Fused CPU kernels, compiled on first use with the machine's C++ compiler and cached on disk.
+"""The fused CPU kernel: C++ in ``csrc/``, built on first use with PyTorch's extension machinery and cached on disk.
 
 What is fused: the part of a single-hidden-layer MLP's evaluation that comes after the first layer's
 pre-activations. Given, per point (a replica, or a grid point of a plane or path), the pre-activations
 z = sum_j c_j Z_j (Z_j of shape (H, N), j < J), the kernel computes in one pass over the samples
 
-    a = act(z),  o = W2 a + b2  (C logits),  loss = CE(o, y) or MSE,  correct = [argmax o == y]
+    a = act(z),  o = W2 a + b2  (C logits),  loss = CE(o, y) = logsumexp(o) - o_y  or  MSE = |o - onehot(y)|^2 / 2,
+    correct = [argmax o == y]
 
 and returns per point the sums of the loss (float64) and of the correct flags. Nothing of size
 points x samples x hidden is written to memory: sample blocks of 16 (one AVX-512 vector) stay in registers
 and the Z_j of a super-block of samples stay in L2 while every point of a tile reuses them. This is
 what makes a 21 x 21 plane cost a few tens of milliseconds (DESIGN.md, Performance notes).
 
-Numbers: float32 arithmetic as in the torch path; exp and log are Cephes-style polynomials (<= 2 ulp), so
-per-sample losses agree with torch's to float32 roundoff (~1e-7 relative) and the means to ~1e-7.
+Numbers: float32 arithmetic as in the torch path; exp and log are the polynomials of Cephes' ``expf``/``logf``
+(S. L. Moshier, Cephes Math Library; <= 2 ulp), so per-sample losses agree with torch's to float32 roundoff
+(~1e-7 relative) and the means to ~1e-7.
 Bits: each (point, super-block) is computed by one thread in a fixed order and the super-blocks are summed
 in order, so the result does not depend on the thread count or on how the work is split.
+Threads: torch's own intra-op pool (``at::parallel_for``), so ``torch.set_num_threads`` governs it.
 
-Build: ``$CXX`` (else g++, c++ or clang++) with ``-O3 -march=native``; the library is cached under
-``$LOSSGLASS_CACHE`` (else ``$XDG_CACHE_HOME/lossglass``, else ``~/.cache/lossglass``) keyed by the source,
-the compiler, the flags and the CPU model, written atomically (concurrent processes are safe). When no
-compiler works, or ``LOSSGLASS_NATIVE=0``, :func:`available` is False and callers use the torch path.
+Build: ``csrc/mlp1_tail_kernel.cpp`` (the arithmetic, no torch header, so its machine code is that of the kernel
+lossglass always had) and ``csrc/mlp1_tail_op.cpp`` (a typed torch operator: argument checks, the thread split,
+the kernel's status turned into an error) are compiled by :func:`torch.utils.cpp_extension.load` (ninja and
+``$CXX``, else ``c++``) with :data:`FLAGS`, once per number of classes, and loaded with
+:func:`torch.ops.load_library`; the operator is ``torch.ops.<namespace>.mlp1_tail``.
+
+Cache: ``$LOSSGLASS_CACHE`` (else ``$XDG_CACHE_HOME/lossglass``, else ``~/.cache/lossglass``) ``/native``, keyed
+by the sources, the compiler, the flags, the CPU, torch and Python. The folder must be the user's own with mode
+0700 (a readable one is made 0700), and no folder above it may be writable by others (unless sticky, as ``/tmp``);
+a folder that fails this is refused with one line and the kernel is built in a private temporary folder instead.
+Each library is recorded at build time with its SHA-256 in a 0600 file; before loading, the owner, the mode and
+the hash are checked, and a library that fails a check or fails to load is deleted and rebuilt. (Between the hash
+check and the load only this user or root can change the file: the folder and those above it are checked.) Builds
+happen in a fresh private folder and are moved in atomically, so concurrent processes are safe.
+
+When the kernel cannot be built (no compiler, no ninja, a compile error), one line says why and that the torch
+path is used; ``LOSSGLASS_NATIVE=0`` switches the kernel off. :func:`status` tells what happened.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
+import json
 import os
+import re
+import secrets
 import shutil
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from ._log import logger
 
 #: Samples per super-block: the unit of work (with a group of points) and of the fixed summation order.
 SUPER = 1024
@@ -42,213 +66,45 @@ SUPER = 1024
 MAX_CLASSES = 32
 ACTS = {"relu": 0, "identity": 1}
 LOSSES = {"cross_entropy": 0, "mse": 1}
+#: Optimisation flags (those of every lossglass release: the arithmetic, hence the bits, depend on them).
+FLAGS = ["-O3", "-march=native", "-fno-math-errno"]
+#: The C++ sources, in build order, and the header they share.
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("mlp1_tail_kernel.cpp", "mlp1_tail_op.cpp")
+HEADER = "mlp1_tail.h"
+#: Largest library or record file read back from the cache (bytes).
+MAX_LIBRARY = 64 << 20
+MAX_RECORD = 64 << 10
+#: Build folders left by a killed process are removed after this many seconds.
+STALE_BUILD_S = 3600
 
-_SOURCE = r"""
-#include <cstdint>
-#include <cmath>
-#include <cstring>
 
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-typedef double vd __attribute__((vector_size(64)));
-#define L 16
-typedef float vfu __attribute__((vector_size(64), aligned(4)));  // unaligned loads
-typedef int32_t viu __attribute__((vector_size(64), aligned(4)));
+class KernelError(RuntimeError):
+    """The fused kernel was called and failed (a bad status or a rejected argument): never a silent zero."""
 
-static inline vf vsplat(float x) { return (vf){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }  // one broadcast
-static inline vi isplat(int32_t x) { return (vi){x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
-static inline vi vloadi(const int32_t* p) { return *reinterpret_cast<const viu*>(p); }
-static inline vf vload(const float* p) { return *reinterpret_cast<const vfu*>(p); }
-static inline vf vload_n(const float* p, int n) { vf v = vsplat(0.0f); for (int i = 0; i < n; ++i) v[i] = p[i]; return v; }
-static inline vf vmax(vf a, vf b) { return a > b ? a : b; }
-static inline vf vmin(vf a, vf b) { return a < b ? a : b; }
-static inline vf bits_f(vi x) { vf r; std::memcpy(&r, &x, sizeof(r)); return r; }
-static inline vi f_bits(vf x) { vi r; std::memcpy(&r, &x, sizeof(r)); return r; }
 
-// exp(x), Cephes expf: |rel err| <= ~1 ulp; exp(+inf) = inf, exp(-inf) = 0, overflow -> inf.
-static inline vf vexp(vf x) {
-    vf xc = vmin(vmax(x, vsplat(-104.0f)), vsplat(89.0f));
-    vf fx = xc * vsplat(1.44269504088896341f) + vsplat(0.5f);
-    vi n = __builtin_convertvector(fx, vi);
-    vf nf = __builtin_convertvector(n, vf);
-    n = nf > fx ? n - 1 : n;  // floor
-    nf = __builtin_convertvector(n, vf);
-    vf r = xc - nf * vsplat(0.693359375f);
-    r = r - nf * vsplat(-2.12194440e-4f);
-    vf p = vsplat(1.9875691500e-4f);
-    p = p * r + vsplat(1.3981999507e-3f);
-    p = p * r + vsplat(8.3334519073e-3f);
-    p = p * r + vsplat(4.1665795894e-2f);
-    p = p * r + vsplat(1.6666665459e-1f);
-    p = p * r + vsplat(5.0000001201e-1f);
-    p = p * r * r + r + vsplat(1.0f);
-    vi n1 = n >> 1;
-    vi n2 = n - n1;
-    return p * bits_f((n1 + 127) << 23) * bits_f((n2 + 127) << 23);
-}
+class _Refused(Exception):
+    """A cache folder or file that must not be trusted (owner, mode, link, content)."""
 
-// log(x) for x >= 0, Cephes logf: log(0) = -inf, log(inf) = inf; x normal (sums of exps are >= 1 here).
-static inline vf vlog(vf x) {
-    vi b = f_bits(x);
-    vi e = ((b >> 23) & 0xff) - 126;
-    vf m = bits_f((b & 0x007fffff) | 0x3f000000);  // [0.5, 1)
-    vi small = m < vsplat(0.707106781186547524f);
-    e = small ? e - 1 : e;
-    m = small ? m + m - vsplat(1.0f) : m - vsplat(1.0f);
-    vf z = m * m;
-    vf y = vsplat(7.0376836292e-2f);
-    y = y * m + vsplat(-1.1514610310e-1f);
-    y = y * m + vsplat(1.1676998740e-1f);
-    y = y * m + vsplat(-1.2420140846e-1f);
-    y = y * m + vsplat(1.4249322787e-1f);
-    y = y * m + vsplat(-1.6668057665e-1f);
-    y = y * m + vsplat(2.0000714765e-1f);
-    y = y * m + vsplat(-2.4999993993e-1f);
-    y = y * m + vsplat(3.3333331174e-1f);
-    y = y * m * z;
-    vf ef = __builtin_convertvector(e, vf);
-    y = y + ef * vsplat(-2.12194440e-4f);
-    y = y - vsplat(0.5f) * z;
-    vf r = m + y + ef * vsplat(0.693359375f);
-    vf inf = vsplat(INFINITY);
-    r = x == inf ? inf : r;
-    r = x == vsplat(0.0f) ? -inf : r;
-    return r;
-}
-
-// One point over samples [s0, s1) (s1 - s0 <= SUPER): loss and correct sums. W2 is the point's (H, C) = W^T.
-template <int C, int J, int ACT>
-static void point_block(const float* Z, int64_t ldz, int64_t ldj, int H, const float* coef, int jn,
-                        const float* W2, const float* b2, const int32_t* y, int64_t s0, int64_t s1,
-                        int loss, double* out_loss, double* out_corr) {
-    const int jj = J > 0 ? J : jn;
-    typedef float vh __attribute__((vector_size(32)));
-    vd lsum0 = {0}, lsum1 = {0};
-    vi csum = isplat(0);
-    const vi iota = (vi){0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-    vf c0 = vsplat(coef[0]);
-    for (int64_t s = s0; s < s1; s += L) {
-        const int n = (int)((s1 - s) < L ? (s1 - s) : L);
-        const float* base = Z + s;
-        vf acc[C];
-        for (int c = 0; c < C; ++c) acc[c] = vsplat(b2[c]);
-        if (n == L) {
-            for (int k = 0; k < H; ++k) {
-                vf z = vload(base + k * ldz) * c0;
-                for (int j = 1; j < jj; ++j) z = vsplat(coef[j]) * vload(base + j * ldj + k * ldz) + z;
-                vf a = ACT == 0 ? (vsplat(0.0f) > z ? vsplat(0.0f) : z) : z;  // relu; NaN stays NaN (maxps)
-                const float* w = W2 + k * C;
-                for (int c = 0; c < C; ++c) acc[c] = vsplat(w[c]) * a + acc[c];
-            }
-        } else {  // the last, partial block: the missing lanes read as 0 and are left out of the sums
-            for (int k = 0; k < H; ++k) {
-                vf z = vload_n(base + k * ldz, n) * c0;
-                for (int j = 1; j < jj; ++j) z = vsplat(coef[j]) * vload_n(base + j * ldj + k * ldz, n) + z;
-                vf a = ACT == 0 ? (vsplat(0.0f) > z ? vsplat(0.0f) : z) : z;  // relu; NaN stays NaN (maxps)
-                const float* w = W2 + k * C;
-                for (int c = 0; c < C; ++c) acc[c] = vsplat(w[c]) * a + acc[c];
-            }
-        }
-        vi yl;
-        if (n == L) yl = vloadi(y + s);
-        else { yl = isplat(0); for (int l = 0; l < n; ++l) yl[l] = y[s + l]; }
-        vi valid = iota < isplat(n);
-        vi nanf = isplat(0);
-        vf best = acc[0];
-        vi idx = isplat(0);
-        vf truel = vsplat(0.0f);
-        for (int c = 0; c < C; ++c) {
-            vi isn = acc[c] != acc[c];
-            nanf = nanf | isn;
-            if (c > 0) {
-                vi take = (acc[c] > best) | (isn & (best == best));
-                best = take ? acc[c] : best;
-                idx = take ? isplat(c) : idx;
-            }
-            truel = (yl == isplat(c)) ? acc[c] : truel;
-        }
-        vf lv;
-        if (loss == 0) {
-            vf m = acc[0];
-            for (int c = 1; c < C; ++c) m = vmax(m, acc[c]);
-            vf inf = vsplat(INFINITY);
-            vf sh = (m == inf) | (m == -inf) ? vsplat(0.0f) : m;
-            vf se = vexp(acc[0] - sh);
-            for (int c = 1; c < C; ++c) se = se + vexp(acc[c] - sh);
-            lv = (vlog(se) + sh) - truel;
-        } else {
-            vf q = vsplat(0.0f);
-            for (int c = 0; c < C; ++c) {
-                vf d = acc[c] - ((yl == isplat(c)) ? vsplat(1.0f) : vsplat(0.0f));
-                q = q + d * d;
-            }
-            lv = vsplat(0.5f) * q;
-        }
-        lv = nanf ? vsplat(NAN) : lv;
-        lv = valid ? lv : vsplat(0.0f);
-        csum = csum + ((valid & (idx == yl)) ? isplat(1) : isplat(0));
-        vh lo, hi;
-        std::memcpy(&lo, &lv, sizeof(lo));
-        std::memcpy(&hi, reinterpret_cast<const char*>(&lv) + sizeof(lo), sizeof(hi));
-        lsum0 = lsum0 + __builtin_convertvector(lo, vd);
-        lsum1 = lsum1 + __builtin_convertvector(hi, vd);
-    }
-    double t = 0.0;
-    for (int l = 0; l < 8; ++l) t += lsum0[l];
-    for (int l = 0; l < 8; ++l) t += lsum1[l];
-    int64_t cs = 0;
-    for (int l = 0; l < L; ++l) cs += csum[l];
-    *out_loss = t;
-    *out_corr = (double)cs;
-}
-
-template <int C>
-static void run_tiles(const float* Z, int64_t ldz, int64_t ldj, int64_t ldb, int H, int jn, int64_t n_samples,
-                      const float* coef, const float* W2, const float* b2, const int32_t* y, int64_t per_basis,
-                      int64_t n_points, int64_t group, int64_t t0, int64_t t1, int act, int loss,
-                      double* out_loss, double* out_corr) {
-    const int64_t n_super = (n_samples + SUPER - 1) / SUPER;
-    const int64_t n_groups = (n_points + group - 1) / group;
-    for (int64_t t = t0; t < t1; ++t) {
-        int64_t sb = t / n_groups, gr = t % n_groups;
-        int64_t s0 = sb * SUPER, s1 = s0 + SUPER < n_samples ? s0 + SUPER : n_samples;
-        int64_t g1 = (gr + 1) * group < n_points ? (gr + 1) * group : n_points;
-        for (int64_t g = gr * group; g < g1; ++g) {
-            const float* zb = Z + (g / per_basis) * ldb;
-            double* ol = out_loss + g * n_super + sb;
-            double* oc = out_corr + g * n_super + sb;
-            const float* cf = coef + g * jn;
-            const float* w = W2 + g * (int64_t)C * H;
-            const float* b = b2 + g * C;
-            if (act == 0) {
-                switch (jn) {
-                    case 1: point_block<C, 1, 0>(zb, ldz, ldj, H, cf, jn, w, b, y, s0, s1, loss, ol, oc); break;
-                    case 2: point_block<C, 2, 0>(zb, ldz, ldj, H, cf, jn, w, b, y, s0, s1, loss, ol, oc); break;
-                    case 3: point_block<C, 3, 0>(zb, ldz, ldj, H, cf, jn, w, b, y, s0, s1, loss, ol, oc); break;
-                    default: point_block<C, 0, 0>(zb, ldz, ldj, H, cf, jn, w, b, y, s0, s1, loss, ol, oc);
-                }
-            } else {
-                point_block<C, 0, 1>(zb, ldz, ldj, H, cf, jn, w, b, y, s0, s1, loss, ol, oc);
-            }
-        }
-    }
-}
-
-extern "C" int lg_mlp1_tail(const float* Z, int64_t ldz, int64_t ldj, int64_t ldb, int H, int jn, int64_t n_samples,
-                            const float* coef, const float* W2, const float* b2, const int32_t* y, int64_t per_basis,
-                            int64_t n_points, int64_t group, int64_t t0, int64_t t1, int act, int loss,
-                            double* out_loss, double* out_corr) {
-    if (jn < 1) return -1;
-    run_tiles<NCLASS>(Z, ldz, ldj, ldb, H, jn, n_samples, coef, W2, b2, y, per_basis, n_points, group, t0, t1,
-                      act, loss, out_loss, out_corr);
-    return 0;
-}
-"""
 
 _lock = threading.Lock()
-_libs: dict[int, object] = {}
+_ops: dict[int, Callable] = {}  # n_classes -> operator
+_namespaces: dict[str, tuple[str, Callable]] = {}  # namespace loaded in this process -> (library SHA-256, operator)
 _failed: dict[int, str] = {}
-_pool: ThreadPoolExecutor | None = None
+_said: set[str] = set()
+_temp: dict[str, Path] = {}
+
+
+def _say(message: str) -> None:
+    """One warning line per distinct message and process."""
+    if message not in _said:
+        _said.add(message)
+        logger.warning("%s", message)
+
+
+def enabled() -> bool:
+    """False when ``LOSSGLASS_NATIVE`` is 0/false/no/off: the torch path is used throughout."""
+    return os.environ.get("LOSSGLASS_NATIVE", "1").strip() not in ("0", "false", "no", "off")
 
 
 def _cache_dir() -> Path:
@@ -258,94 +114,329 @@ def _cache_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    for c in (os.environ.get("CXX"), "g++", "c++", "clang++"):
-        if c and shutil.which(c):
-            return shutil.which(c)
-    return None
+    """The C++ compiler cpp_extension runs (``$CXX``, else ``c++``), as a path, or None if there is none."""
+    from torch.utils.cpp_extension import get_cxx_compiler
+
+    return shutil.which(get_cxx_compiler())
+
+
+def _ninja_dir() -> str | None:
+    """A folder holding ``ninja`` when it is not on PATH: the ``ninja`` Python package's, or this Python's scripts."""
+    if shutil.which("ninja"):
+        return None
+    try:
+        import ninja  # the PyPI package ships the binary
+
+        folder = getattr(ninja, "BIN_DIR", None)
+        if folder and shutil.which("ninja", path=folder):
+            return str(folder)
+    except ImportError:
+        pass
+    folder = os.path.dirname(sys.executable)
+    return folder if shutil.which("ninja", path=folder) else None
+
+
+@contextmanager
+def _ninja_on_path():
+    """PATH with ninja's folder appended for the duration of a build (cpp_extension runs ``ninja`` from PATH)."""
+    folder = _ninja_dir()
+    if folder is None:
+        yield
+        return
+    before = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join(p for p in (before, folder) if p)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("PATH", None)
+        else:
+            os.environ["PATH"] = before
 
 
 def _cpu() -> str:
     from ._determinism import _cpu_model
 
-    return f"{_cpu_model()}|{torch.backends.cpu.get_cpu_capability()}"
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].strip() for line in f if line.startswith("flags")), "")
+    except OSError:
+        pass
+    return f"{_cpu_model()}|{torch.backends.cpu.get_cpu_capability()}|{hashlib.sha256(flags.encode()).hexdigest()}"
 
 
-FLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-std=c++17", "-fno-math-errno"]
+def _compiler_id(cxx: str) -> str:
+    """The compiler's path and version line; raises when it does not run."""
+    try:
+        res = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise RuntimeError(f"the C++ compiler {cxx} does not run ({type(e).__name__}); set CXX") from e
+    if res.returncode != 0:
+        raise RuntimeError(f"the C++ compiler {cxx} does not run ('--version' exits {res.returncode}); set CXX")
+    lines = res.stdout.splitlines()
+    return f"{os.path.realpath(cxx)}|{lines[0] if lines else ''}"
 
 
-def enabled() -> bool:
-    return os.environ.get("LOSSGLASS_NATIVE", "1").strip() not in ("0", "false", "no", "off")
+def _sources() -> dict[str, bytes]:
+    return {name: (CSRC / name).read_bytes() for name in (*SOURCES, HEADER)}
 
 
-def _build(n_classes: int):
+def _key(n_classes: int, sources: dict[str, bytes], cxx: str) -> str:
+    """What a cached library is valid for: the sources, classes, flags, compiler, CPU, torch and Python."""
+    h = hashlib.sha256()
+    for name in sorted(sources):
+        h.update(name.encode() + b"\0" + hashlib.sha256(sources[name]).digest())
+    ident = [str(n_classes), str(SUPER), " ".join(FLAGS), _compiler_id(cxx), _cpu(), torch.__version__,
+             str(torch.compiled_with_cxx11_abi()), sys.implementation.cache_tag or "", sys.platform]
+    h.update("\0".join(ident).encode())
+    return h.hexdigest()[:24]
+
+
+# ------------------------------------------------------------------ the private cache folder
+def _unsafe_ancestor(path: Path) -> str | None:
+    """Why a folder above the cache could let another user swap its contents (owned by someone else, or writable
+    by group/others without the sticky bit), or None."""
+    uid = os.getuid()
+    for a in (path, *path.parents):
+        try:
+            st = os.stat(a)
+        except FileNotFoundError:
+            continue
+        if st.st_uid not in (0, uid):
+            return f"{a} is owned by uid {st.st_uid}"
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            return f"{a} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def _private_folder(folder: Path) -> Path:
+    """``folder``, created 0700 if missing, after checking it is safe: a real directory, the user's own, not
+    writable by group/others, under folders nobody else can change; one that is only readable by others is made
+    0700. Raises :class:`_Refused` otherwise."""
+    parent = Path(os.path.realpath(folder.parent))
+    parent.mkdir(parents=True, exist_ok=True)
+    why = _unsafe_ancestor(parent)
+    if why:
+        raise _Refused(why)
+    folder = parent / folder.name
+    try:
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(folder)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise _Refused(f"{folder} is not a directory (a link or a file)")
+    if st.st_uid != os.getuid():
+        raise _Refused(f"{folder} is owned by uid {st.st_uid}, not by this user ({os.getuid()})")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise _Refused(f"{folder} is writable by group or others (mode {mode:04o}): what is in it cannot be trusted; "
+                       "remove it")
+    if mode != 0o700:
+        os.chmod(folder, 0o700)
+        logger.info("kernel cache %s made private (mode %04o -> 0700)", folder, mode)
+    return folder
+
+
+def _cache_folder() -> Path:
+    """The verified cache folder, or (said once) a private temporary one for this process when it is refused."""
+    folder = _cache_dir()
+    try:
+        return _private_folder(folder)
+    except (_Refused, OSError) as e:
+        if "tmp" not in _temp:
+            _temp["tmp"] = Path(tempfile.mkdtemp(prefix="lossglass-native-"))  # 0700, ours
+            import atexit
+
+            atexit.register(shutil.rmtree, _temp["tmp"], True)
+        _say(f"kernel cache {folder} refused ({e}); building the fused kernel in {_temp['tmp']} for this process")
+        return _temp["tmp"]
+
+
+def _read_checked(path: Path, limit: int) -> bytes:
+    """The bytes of a cache file after checking, on the open file itself, that it is a regular file (a link is not
+    followed) of this user that group/others cannot write, and at most ``limit`` bytes."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _Refused(f"{path.name} is not a regular file")
+        if st.st_uid != os.getuid():
+            raise _Refused(f"{path.name} is owned by uid {st.st_uid}, not by this user")
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise _Refused(f"{path.name} is writable by group or others")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _Refused(f"{path.name} is larger than {limit} bytes")
+    return data
+
+
+def _remove(*paths: Path) -> None:
+    for p in paths:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+
+
+# ------------------------------------------------------------------ loading and building
+def _load_library(path: Path, ns: str, n_classes: int, digest: str) -> Callable:
+    """Load a built library whose bytes hash to ``digest`` (its static constructors register ``ns``) and check it
+    is the kernel asked for. A namespace this process already loaded from the same bytes is not loaded again."""
+    if ns in _namespaces and _namespaces[ns][0] == digest:
+        return _namespaces[ns][1]
+    torch.ops.load_library(str(path))
+    lib = getattr(torch.ops, ns)
+    got = (int(lib.n_classes()), int(lib.super_block()))
+    if got != (n_classes, SUPER):
+        raise _Refused(f"{path.name} is built for (classes, super-block) {got}, not {(n_classes, SUPER)}")
+    _namespaces[ns] = (digest, lib.mlp1_tail)
+    return lib.mlp1_tail
+
+
+def _load_cached(folder: Path, n_classes: int, key: str) -> Callable | None:
+    """The cached kernel after its checks, or None when there is none; a cached library that fails a check or
+    fails to load is deleted (said once), so the caller rebuilds it."""
+    record = folder / f"mlp1_c{n_classes}_{key}.json"
+    if not os.path.lexists(record):
+        return None
+    lib = None
+    try:
+        rec = json.loads(_read_checked(record, MAX_RECORD))
+        if not isinstance(rec, dict):
+            raise _Refused(f"{record.name} is not a record of this kernel")
+        name, digest, ns = rec.get("file"), rec.get("sha256"), rec.get("namespace")
+        if not (isinstance(name, str) and re.fullmatch(rf"mlp1_c{n_classes}_{key}_[0-9a-f]{{16}}\.so", name)
+                and isinstance(ns, str) and re.fullmatch(rf"lossglass_mlp1_c{n_classes}_[0-9a-f]{{16}}", ns)
+                and isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+            raise _Refused(f"{record.name} is not a record of this kernel")
+        lib = folder / name
+        data = _read_checked(lib, MAX_LIBRARY)
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise _Refused(f"{name} does not match the SHA-256 recorded when it was built")
+    except (_Refused, OSError, ValueError, RecursionError) as e:
+        _say(f"kernel cache: {e}; deleting it and rebuilding")
+        _remove(record, *([lib] if lib is not None else []))
+        return None
+    try:
+        return _load_library(lib, ns, n_classes, digest)
+    except (OSError, RuntimeError, _Refused) as e:
+        _say(f"kernel cache: {name} failed to load ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+             "deleting it and rebuilding")
+        _remove(record, lib)
+        return None
+
+
+def _sweep(folder: Path) -> None:
+    """Remove build folders that a killed process left more than :data:`STALE_BUILD_S` ago, and the libraries of the
+    ctypes kernel of earlier releases (``mlp1_c<C>_<20 hex>.so``, never loaded any more)."""
+    now = time.time()
+    for p in folder.glob("mlp1_c*.so"):
+        if re.fullmatch(r"mlp1_c\d+_[0-9a-f]{20}\.so", p.name):
+            _remove(p)
+    for p in folder.glob("build-*"):
+        try:
+            if p.is_dir() and not p.is_symlink() and now - p.lstat().st_mtime > STALE_BUILD_S:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _build(folder: Path, n_classes: int, key: str, sources: dict[str, bytes]) -> Callable:
+    """Compile the sources in a fresh private folder with cpp_extension, load the library, then move it into the
+    cache with its SHA-256 recorded (0600). Raises with the compiler's reason on failure."""
+    from torch.utils.cpp_extension import load
+
+    _sweep(folder)
+    build = Path(tempfile.mkdtemp(prefix="build-", dir=folder))  # 0700
+    try:
+        for name, data in sources.items():  # compile exactly the bytes the key was made of
+            (build / name).write_bytes(data)
+        ns = f"lossglass_mlp1_c{n_classes}_{secrets.token_hex(8)}"
+        with _ninja_on_path():
+            load(name=ns, sources=[str(build / s) for s in SOURCES], build_directory=str(build),
+                 extra_cflags=[*FLAGS, f"-DLG_NCLASS={n_classes}", f"-DLG_SUPER={SUPER}", f"-DLG_NS={ns}"],
+                 is_python_module=False, verbose=False)
+        built = build / f"{ns}.so"
+        digest = hashlib.sha256(_read_checked(built, MAX_LIBRARY)).hexdigest()
+        op = _load_library(built, ns, n_classes, digest)  # load() has loaded it: this checks what it registered
+        name = f"mlp1_c{n_classes}_{key}_{digest[:16]}.so"
+        os.chmod(built, 0o600)
+        os.replace(built, folder / name)  # atomic; the loaded mapping is unaffected
+        fd, tmp = tempfile.mkstemp(prefix=".record-", dir=folder)  # 0600
+        with os.fdopen(fd, "w") as f:
+            json.dump({"file": name, "sha256": digest, "namespace": ns, "n_classes": n_classes, "super": SUPER,
+                       "flags": FLAGS, "torch": torch.__version__, "built": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
+        os.replace(tmp, folder / f"mlp1_c{n_classes}_{key}.json")
+        return op
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _reason(e: BaseException) -> str:
+    """The line of a build failure that says why: the compiler's first ``error:`` line (without the build folder's
+    path), else the message's first line."""
+    text = str(e) or type(e).__name__
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if re.search(r"\berror:", ln):
+            return "compile error: " + re.sub(r"^\S*/", "", ln)[:300]
+    return (lines[0] if lines else type(e).__name__)[:300]
+
+
+def _kernel(n_classes: int) -> Callable:
     cxx = _compiler()
     if cxx is None:
-        raise RuntimeError("no C++ compiler found (set CXX)")
-    src = _SOURCE.replace("NCLASS", str(n_classes)).replace("SUPER", str(SUPER))
-    try:
-        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        version = cxx
-    key = hashlib.sha256("\0".join([src, version, " ".join(FLAGS), _cpu()]).encode()).hexdigest()[:20]
-    folder = _cache_dir()
-    lib = folder / f"mlp1_c{n_classes}_{key}.so"
-    if not lib.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            cpp = Path(tmp) / "k.cpp"
-            cpp.write_text(src)
-            out = Path(tmp) / "k.so"
-            res = subprocess.run([cxx, *FLAGS, str(cpp), "-o", str(out)], capture_output=True, text=True, timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(f"compiling the fused kernel failed: {res.stderr[-2000:]}")
-            os.replace(out, lib)  # atomic: a concurrent process sees the whole file or none
-    dll = ctypes.CDLL(str(lib))
-    f = dll.lg_mlp1_tail
-    i64, p = ctypes.c_int64, ctypes.c_void_p
-    f.argtypes = [p, i64, i64, i64, ctypes.c_int, ctypes.c_int, i64, p, p, p, p, i64, i64, i64, i64, i64,
-                  ctypes.c_int, ctypes.c_int, p, p]
-    f.restype = ctypes.c_int
-    return f
+        raise RuntimeError(f"no C++ compiler ({os.environ.get('CXX') or 'c++'} not found; set CXX)")
+    sources = _sources()
+    folder = _cache_folder()
+    key = _key(n_classes, sources, cxx)
+    op = _load_cached(folder, n_classes, key)
+    return op if op is not None else _build(folder, n_classes, key, sources)
 
 
-def kernel(n_classes: int):
-    """The compiled tail kernel for ``n_classes`` logits, or None (no compiler, disabled, or too many classes)."""
+def kernel(n_classes: int) -> Callable | None:
+    """The fused tail operator for ``n_classes`` logits, or None (disabled, too many classes, or the build failed,
+    which is said once, with the reason, and the torch path is used)."""
     if not enabled() or not (2 <= n_classes <= MAX_CLASSES):
         return None
+    op = _ops.get(n_classes)
+    if op is not None:
+        return op
     with _lock:
-        if n_classes in _libs:
-            return _libs[n_classes]
+        if n_classes in _ops:
+            return _ops[n_classes]
         if n_classes in _failed:
             return None
         try:
-            _libs[n_classes] = _build(n_classes)
-        except Exception as e:  # noqa: BLE001 - any failure means: use the torch path
-            _failed[n_classes] = f"{type(e).__name__}: {e}"
+            _ops[n_classes] = _kernel(n_classes)
+        except Exception as e:  # noqa: BLE001 - any failure means: say why once, use the torch path
+            _failed[n_classes] = _reason(e)
+            _say(f"the fused CPU kernel could not be built ({_failed[n_classes]}); using the torch path, which gives "
+                 "the same results to float32 roundoff but is slower (LOSSGLASS_NATIVE=0 silences this)")
             return None
-        return _libs[n_classes]
+        return _ops[n_classes]
 
 
 def status() -> dict:
     """What the native path did in this process: built kernels and failures (for diagnostics)."""
-    return {"enabled": enabled(), "compiler": _compiler(), "built": sorted(_libs), "failed": dict(_failed),
-            "cache": str(_cache_dir())}
-
-
-def _executor(n: int) -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None or _pool._max_workers < n:  # noqa: SLF001
-        _pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lossglass-native")
-    return _pool
+    return {"enabled": enabled(), "compiler": _compiler(), "ninja": shutil.which("ninja") or _ninja_dir(),
+            "built": sorted(_ops), "failed": dict(_failed), "cache": str(_cache_dir()),
+            "threads": "torch intra-op (at::parallel_for)"}
 
 
 def mlp1_tail(z: torch.Tensor, coef: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor, y: torch.Tensor,
               per_basis: int, act: str, loss: str) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Per-point sums over the samples of the loss and of the correct flags, ``(G,)`` float64 each, or None when
-    the kernel is not available (the caller then uses the torch path).
+    the kernel is not available or does not apply (the caller then uses the torch path).
 
     ``z``: ``(B, J, H, N)`` float32 CPU with unit stride along N (B bases of J pre-activation maps); point g uses
     basis ``g // per_basis`` with coefficients ``coef[g]`` ``(G, J)``; ``w2`` ``(G, C, H)``, ``b2`` ``(G, C)`` the
-    point's last layer; ``y`` ``(N,)`` int64 labels."""
+    point's last layer; ``y`` ``(N,)`` int64 labels. With ``o = w2[g] act(sum_j coef[g, j] z[b, j]) + b2[g]`` per
+    sample, the loss is ``logsumexp(o) - o_y`` (cross_entropy) or ``|o - onehot(y)|^2 / 2`` (mse).
+
+    Raises :class:`KernelError` when the kernel rejects its arguments or returns a non-zero status."""
     g_total, c, h = w2.shape
     if z.device.type != "cpu" or z.dtype != torch.float32 or act not in ACTS or loss not in LOSSES:
         return None
@@ -361,24 +452,9 @@ def mlp1_tail(z: torch.Tensor, coef: torch.Tensor, w2: torch.Tensor, b2: torch.T
     if y.numel() and (int(y.min()) < 0 or int(y.max()) >= c):
         return None  # let torch raise its own error for bad labels
     y = y.to(torch.int32).contiguous()
-    n_super = (n + SUPER - 1) // SUPER
-    out_l = torch.zeros(g_total, n_super, dtype=torch.float64)
-    out_c = torch.zeros(g_total, n_super, dtype=torch.float64)
-    threads = max(1, torch.get_num_threads())
-    # points per tile: enough tiles for every thread, few enough that a super-block of Z is reused in L2
-    group = max(1, min(g_total, (g_total * n_super + 4 * threads - 1) // (4 * threads)))
-    n_groups = (g_total + group - 1) // group
-    n_tiles = n_super * n_groups
-    args = (z.data_ptr(), z.stride(2), z.stride(1), z.stride(0), h, j, n, coef.data_ptr(), w2.data_ptr(),
-            b2.data_ptr(), y.data_ptr(), int(per_basis), g_total, group)
-    tail = (ACTS[act], LOSSES[loss], out_l.data_ptr(), out_c.data_ptr())
-    if threads == 1 or n_tiles == 1:
-        f(*args, 0, n_tiles, *tail)
-    else:
-        bounds = [n_tiles * i // threads for i in range(threads + 1)]
-        pool = _executor(threads - 1)
-        futs = [pool.submit(f, *args, bounds[i], bounds[i + 1], *tail) for i in range(1, threads)]
-        f(*args, bounds[0], bounds[1], *tail)
-        for fu in futs:
-            fu.result()
+    try:
+        out_l, out_c = f(z, coef, w2, b2, y, int(per_basis), ACTS[act], LOSSES[loss])
+    except RuntimeError as e:
+        raise KernelError(f"the fused CPU kernel failed: {str(e).splitlines()[0]} (LOSSGLASS_NATIVE=0 uses the torch "
+                          "path)") from e
     return out_l.sum(1), out_c.sum(1)

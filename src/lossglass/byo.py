@@ -4,25 +4,30 @@ imported as replicas (``state_dict`` files read with ``weights_only=True``, or s
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .batchnorm import is_batchnorm
 from .datasets import Dataset, from_tensors, validate_dataset
 from .errors import LossglassError, check
 
 
 def resolve(spec: str, what: str):
-    """Import ``package.module:attribute`` and return the attribute, with a clear message when it fails."""
+    """Import ``package.module:attribute`` and return the attribute (:func:`pkgutil.resolve_name`), with a clear
+    message when it fails."""
     check(isinstance(spec, str) and spec.count(":") == 1, f"{what} must look like 'package.module:factory', got {spec!r}")
     mod_name, attr = spec.split(":")
     try:
-        mod = importlib.import_module(mod_name)
+        importlib.import_module(mod_name)
     except ImportError as e:
         raise LossglassError(f"{what} {spec!r}: cannot import module {mod_name!r} ({e})") from None
-    check(hasattr(mod, attr), f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}")
-    return getattr(mod, attr)
+    try:
+        return pkgutil.resolve_name(spec)
+    except AttributeError:
+        raise LossglassError(f"{what} {spec!r}: module {mod_name!r} has no attribute {attr!r}") from None
 
 
 def model_from_factory(spec: str, **kwargs) -> nn.Module:
@@ -98,7 +103,7 @@ def import_checkpoints(problem, folder: str | Path) -> tuple[torch.Tensor, list[
     rows = []
     expected = {p.name: p.shape for p in problem.params}
     buffers = set(problem.buffers)
-    stats = {n for n, m in problem.model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    stats = {n for n, m in problem.model.named_modules() if is_batchnorm(m)}
     stats = {f"{n}.{b}" if n else b for n in stats for b in ("running_mean", "running_var", "num_batches_tracked")}
     for f in files:
         sd = load_state(f)

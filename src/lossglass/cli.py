@@ -1,17 +1,51 @@
 """The command line: ``lossglass run``, one sub-command per protocol on an existing run, ``report``, ``info``,
 ``presets``, ``config``, ``export``, ``select``, ``import``. Bad input, a damaged run folder or a failing disk
-prints one line naming the problem and exits with status 2."""
+prints one line naming the problem and exits with status 2.
+
+Commands that write into a run folder (``run``, ``train``, the per-protocol commands, ``import``, ``report``,
+``select``, ``export`` without ``--out``) hold its writer lock (:meth:`lossglass.store.RunStore.writer`); reading
+commands (``info``, ``dashboard``) never take it. Text from a run folder never reaches the terminal raw: control
+characters (terminal escapes) in anything a command prints are shown escaped (:func:`printable`)."""
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
 from .errors import LossglassError, check
 
-PROTOCOLS = ("walk", "connect", "replicas", "curvature", "reference")
 EXPORT_FORMATS = ("csv",)
+TRUST_HELP = "allow importing code named by a config from a run folder that your lossglass did not write"
+#: control characters (C0 but tab and newline, DEL, C1) and the bidirectional overrides that reorder what is shown
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_CONTROL_ALL = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _escape(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def printable(text: str, *, one_line: bool = False) -> str:
+    """``text`` with every control character (terminal escape sequences start with one) written as ``\\xNN`` or
+    ``\\uNNNN``; tab and newline are kept unless ``one_line``."""
+    return (_CONTROL_ALL if one_line else _CONTROL).sub(_escape, text)
+
+
+class _PrintableStream:
+    """A text stream that escapes control characters before they reach the wrapped one (stdout of a command)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(printable(text))
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
 
 
 def _run_store(run: str | Path):
@@ -20,24 +54,24 @@ def _run_store(run: str | Path):
     return RunStore(run, create=False).require_run()
 
 
-def _load_run_config(run: Path, *, trust: bool = False):
-    """The config of an existing run folder. If it names code to import (model.factory, data.factory, model.spec)
-    and this user's lossglass did not write it here, refuse unless ``trust``."""
-    from .config import load_config
+def _load_run_config(store, *, trust: bool = False, overrides: list[str] | None = None):
+    """The config of an existing run folder, from ONE read of its config.toml: those bytes are checked (if they name
+    code to import, model.factory, data.factory or model.spec, this user's lossglass must have written them here,
+    or ``trust``), parsed once, validated, and the ``--set`` overrides applied to the same parse."""
+    from .config import apply_overrides, check_trusted, decode_config, validate
 
-    store = _run_store(run)
-    cfg = load_config(run / "config.toml")
-    code = {k: v for k, v in (("model.factory", cfg.model.factory), ("data.factory", cfg.data.factory),
-                              ("model.spec", cfg.model.spec)) if v}
-    if code and not store.is_trusted():
-        names = ", ".join(f"{k} = {v!r}" for k, v in code.items())
-        check(trust, f"{run}/config.toml names code that this command would import and run ({names}), and it was not "
-              "written by your lossglass in this folder; read it, then add --trust-config if you trust it")
+    source = f"{store.path}/config.toml"
+    data = store.read_bytes("config.toml")
+    raw = decode_config(data, source)
+    cfg = validate(raw, source)
+    check_trusted(cfg, data, source, trust=trust, folder=store.path)
+    if overrides:
+        cfg = validate(apply_overrides(raw, overrides), "--set " + " --set ".join(overrides))
     return cfg
 
 
 def _stages_arg(text: str | None) -> tuple[str, ...]:
-    from .study import STAGES
+    from .stages import STAGE_ORDER as STAGES
 
     if not text:
         return STAGES
@@ -55,11 +89,12 @@ def cmd_run(a) -> int:
     check((a.config is None) != (a.preset is None), "give a CONFIG.toml or --preset NAME (exactly one)")
     if a.device:
         a.set = [*a.set, f"device={a.device!r}"]
-    cfg = load_config(a.config, preset=a.preset, overrides=a.set) if a.config else load_config(preset=a.preset,
-                                                                                               overrides=a.set)
+    cfg = (load_config(a.config, overrides=a.set, trust=a.trust_config) if a.config
+           else load_config(preset=a.preset, overrides=a.set))
     out = Path(a.out) if a.out else Path("runs") / cfg.name
     stages = _stages_arg(a.stages)
-    store = Study(cfg, out, progress=not a.quiet, executor=make_executor(a.executor, a.address)).run(stages, force=a.force)
+    executor = make_executor(a.executor, a.address, ray_dashboard=a.ray_dashboard)
+    store = Study(cfg, out, progress=not a.quiet, executor=executor).run(stages, force=a.force)
     print(f"run folder: {store.path}")
     if (store.path / "report.html").exists():
         print(f"report: {store.path / 'report.html'}")
@@ -69,31 +104,37 @@ def cmd_run(a) -> int:
 def cmd_stage(a) -> int:
     """One protocol on an existing run. ``--set`` may change only this protocol's own options (the record then
     describes the new results); options of earlier stages would need new replicas, so they are refused."""
-    from .config import apply_overrides, parse_toml, validate
-    from .study import Study
-
     run = Path(a.run)
-    cfg = _load_run_config(run, trust=a.trust_config)
     for item in a.set:
         key = item.split("=", 1)[0].strip()
         check(key.split(".")[0] == a.command,
               f"--set {key}: 'lossglass {a.command}' changes only {a.command}.* options; {key} belongs to an earlier "
               f"part of the study and would need new replicas: run 'lossglass run CONFIG --out NEW_FOLDER' with it")
-    if a.set:
-        raw = parse_toml((run / "config.toml").read_text(), f"{run}/config.toml")
-        cfg = validate(apply_overrides(raw, a.set), "--set " + " --set ".join(a.set))
+    store = _run_store(run)
+    with store.writer():  # before the config is read: what is checked is what runs
+        cfg = _load_run_config(store, trust=a.trust_config, overrides=a.set)
+        return _stage(a, run, cfg)
+
+
+def _stage(a, run: Path, cfg) -> int:
+    from .study import Study
+
     study = Study(cfg, run, progress=not a.quiet)
     check(study.store.stage_done("train"), f"{run}: no trained replicas yet (run 'lossglass run' or 'train' first)")
-    getattr(cfg, a.command).enabled = True
+    from .stages import stage
+
+    section = stage(a.command).section
+    if section:
+        getattr(cfg, section).enabled = True
     if study.store.stage_done(a.command) and not a.redo and not a.set:
         print(f"{a.command}: already done in {run} (use --redo to recompute)")
         return 0
     if a.redo:
         study.invalidate(a.command)
-    from .study import STAGES, dependents
+    from .stages import STAGE_ORDER, dependents
 
     # the stages that depend on this one are redone too (their results were made from the old ones)
-    later = tuple(s for s in STAGES if s in dependents(a.command) and s not in (a.command, "report"))
+    later = tuple(s for s in STAGE_ORDER if s in dependents(a.command) and s not in (a.command, "report"))
     stages = (a.command, *later) + (() if a.no_report else ("report",))
     if not a.no_report and not a.quiet:
         print("(report.html is rebuilt afterwards, a few seconds; --no-report skips it)", file=sys.stderr)
@@ -105,7 +146,9 @@ def cmd_stage(a) -> int:
 def cmd_report(a) -> int:
     from .report import build_report
 
-    path = build_report(_run_store(a.run))
+    store = _run_store(a.run)
+    with store.writer():
+        path = build_report(store)
     print(path)
     return 0
 
@@ -128,23 +171,66 @@ def cmd_dashboard(a) -> int:
     return 0
 
 
+def _short(v, n: int = 200) -> str:
+    """A value from a run folder as one short line (folder text may be anything)."""
+    text = printable(str(v), one_line=True)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _finite(v) -> float | None:
+    """``v`` as a finite float when it is a JSON number that has one (not a bool, NaN, or an integer of 400 digits)."""
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _numbers(table, column: str, source) -> pd.Series:  # noqa: F821 - pandas is imported lazily
+    """A numeric (or boolean) column of a table read from a run folder; one line naming the file otherwise."""
+    import pandas as pd
+
+    check(column in table.columns, f"{source} is damaged (no column {column!r})")
+    col = table[column]
+    check(pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col),
+          f"{source} is damaged (column {column!r} is not numeric: {col.dtype})")
+    return col.astype(float)
+
+
 def cmd_info(a) -> int:
+    """What a run folder holds. It reads only: records (bounded, checked for their JSON types), the replicas'
+    shape from the safetensors header alone (never the tensors), and the replicas table's two numeric columns."""
+    from .stages import STAGE_ORDER
+
     store = _run_store(a.run)
-    meta = store.read_json("meta.json", {}) or {}
-    print(f"run folder: {store.path}")
-    print(f"name: {meta.get('name')}  seed: {meta.get('seed')}  device: {meta.get('device')}")
-    print(f"started: {meta.get('started')}  finished: {meta.get('finished') or 'not yet'}")
-    for k, v in store.stages().items():  # in run order
-        what = f"skipped ({v['skipped']})" if v.get("skipped") else f"done in {v.get('seconds', 0):.1f} s"
-        print(f"  stage {k:<10} {what}")
+    meta = store.read_json("meta.json", {}, kind=dict)
+    print(f"run folder: {_short(store.path, 4000)}")
+    print(f"name: {_short(meta.get('name'))}  seed: {_short(meta.get('seed'))}  device: {_short(meta.get('device'))}")
+    print(f"started: {_short(meta.get('started'))}  finished: {_short(meta.get('finished') or 'not yet')}")
+    for k, v in store.stages(STAGE_ORDER).items():  # in run order
+        seconds = v.get("seconds", 0)
+        if v.get("skipped"):
+            what = f"skipped ({_short(v['skipped'])})"
+        elif _finite(seconds) is not None:
+            what = f"done in {_finite(seconds):.1f} s"
+        else:
+            what = "done"
+        print(f"  stage {_short(k, 60):<10} {what}")
     if store.has_tensors("replicas"):
-        th = store.read_tensors("replicas")["theta"]
-        print(f"replicas: {th.shape[0]} x {th.shape[1]} parameters")
+        path = store.tensor_path("replicas")
+        theta = store.tensor_header("replicas").get("theta")
+        check(theta is not None and len(theta["shape"]) == 2, f"{path} is damaged (no 2-D tensor 'theta')")
+        print(f"replicas: {theta['shape'][0]} x {theta['shape'][1]} parameters")
     if store.has_table("replicas"):
         t = store.read_table("replicas")
-        print(f"test accuracy: median {t['test_accuracy'].median():.4f}, best {t['test_accuracy'].max():.4f}, "
-              f"diverged {int(t['diverged'].sum())}")
-    print("tables: " + (", ".join(store.tables()) or "none"))
+        source = store.table_path("replicas")
+        acc, diverged = _numbers(t, "test_accuracy", source), _numbers(t, "diverged", source)
+        print(f"test accuracy: median {acc.median():.4f}, best {acc.max():.4f}, diverged {int((diverged.fillna(0) != 0).sum())}")
+    print("tables: " + (", ".join(_short(n, 100) for n in store.tables()) or "none"))
     return 0
 
 
@@ -173,18 +259,21 @@ def cmd_config(a) -> int:
 
 
 def cmd_export(a) -> int:
+    import contextlib
+
     from .store import atomic_write_bytes
 
     store = _run_store(a.run)
     check(a.format in EXPORT_FORMATS, f"unknown export format {a.format!r}; formats: {', '.join(EXPORT_FORMATS)}")
     names = store.tables()
     check(len(names) > 0, f"{store.path} holds no tables to export")
-    for n in names:
-        data = store.read_table(n).to_csv(index=False).encode()
-        if a.out:  # a folder the user chose: atomic writes there, links in the final component replaced, not followed
-            atomic_write_bytes(Path(a.out) / f"{n}.csv", data)
-        else:
-            store.write_bytes(f"csv/{n}.csv", data)
+    with store.writer() if not a.out else contextlib.nullcontext():  # into the run folder: one writer
+        for n in names:
+            data = store.read_table(n).to_csv(index=False).encode()
+            if a.out:  # a folder the user chose: atomic writes there, links in the final component replaced
+                atomic_write_bytes(Path(a.out) / f"{n}.csv", data)
+            else:
+                store.write_bytes(f"csv/{n}.csv", data)
     print(f"{len(names)} tables written to {a.out or store.path / 'csv'}")
     return 0
 
@@ -193,8 +282,8 @@ def cmd_train(a) -> int:
     from .config import load_config
     from .study import Study
 
-    cfg = load_config(a.config, preset=a.preset, overrides=a.set) if a.config else load_config(preset=a.preset or "quickstart",
-                                                                                               overrides=a.set)
+    cfg = (load_config(a.config, overrides=a.set, trust=a.trust_config) if a.config
+           else load_config(preset=a.preset or "quickstart", overrides=a.set))
     out = Path(a.out) if a.out else Path("runs") / cfg.name
     Study(cfg, out, progress=not a.quiet).run(("train",), force=a.force)
     print(f"replicas in {out / 'replicas.safetensors'}, table in {out / 'tables' / 'replicas.parquet'}")
@@ -207,27 +296,28 @@ def cmd_select(a) -> int:
     from .study import build_problem
 
     run = Path(a.run)
-    cfg = _load_run_config(run, trust=a.trust_config)
     store = _run_store(run)
-    decision = select(store, build_problem(cfg), strategy=a.strategy)
-    print(explain(decision))
-    if decision.get("exported"):
-        print(f"exported: {run / decision['exported']}")
-    build_report(store)
+    with store.writer():
+        cfg = _load_run_config(store, trust=a.trust_config)
+        if a.trust_config and not store.is_trusted():
+            store.mark_trusted()  # checked and vouched for by the user: later commands here need no flag
+        decision = select(store, build_problem(cfg), strategy=a.strategy)
+        print(explain(decision))
+        if decision.get("exported"):
+            print(f"exported: {run / decision['exported']}")
+        build_report(store)
     return 0
 
 
 def cmd_import(a) -> int:
     import hashlib
 
-    import pandas as pd
-
     from .byo import import_checkpoints
     from .config import load_config
-    from .store import RunStore
-    from .study import Study, _versions
+    from .study import Study
 
-    cfg = load_config(a.config, overrides=a.set) if a.config else load_config(preset="quickstart", overrides=a.set)
+    cfg = (load_config(a.config, overrides=a.set, trust=a.trust_config) if a.config
+           else load_config(preset="quickstart", overrides=a.set))
     out = Path(a.out)
     if a.model:
         cfg.model.factory = a.model
@@ -248,6 +338,18 @@ def cmd_import(a) -> int:
     cfg.train.replicas = len(files)
     cfg.train.groups = []
     study.cfg = cfg
+    with study.store.writer():  # everything is checked: from here on, this process is the folder's one writer
+        return _import_into(a, study, prob, theta, files, hashes, folder, out)
+
+
+def _import_into(a, study, prob, theta, files, hashes, folder: Path, out: Path) -> int:
+    import hashlib
+
+    import pandas as pd
+
+    from .store import RunStore
+    from .study import versions
+
     if a.force and (out / "config.toml").exists():
         n = RunStore(out).remove_owned()
         print(f"--force: removed {n} files lossglass wrote in {out} (nothing else)", file=sys.stderr)
@@ -272,7 +374,7 @@ def cmd_import(a) -> int:
                               "fingerprint": study.fingerprint("train")})
     store.stage = None
     meta = store.read_json("meta.json", {})
-    meta.update({"imported_from": str(folder.resolve()), "sources": dict(zip(files, hashes)), "versions": _versions()})
+    meta.update({"imported_from": str(folder.resolve()), "sources": dict(zip(files, hashes)), "versions": versions()})
     store.write_json("meta.json", meta)
     print(f"imported {len(files)} checkpoints into {out}; next: lossglass run {out}/config.toml --out {out} "
           "(or one protocol: lossglass walk|connect|replicas|curvature " + str(out) + ")")
@@ -287,7 +389,8 @@ def _import_name(cfg, out: Path) -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    from .study import STAGES
+    from .stages import REGISTRY
+    from .stages import STAGE_ORDER as STAGES
 
     p = argparse.ArgumentParser(prog="lossglass", description="Loss landscapes measured with spin-glass physics.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -307,7 +410,10 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--executor", choices=["local", "ray"], default="local",
                    help="local (default) or ray: tasks on a Ray cluster (pip install 'lossglass[ray]')")
     r.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: start a local instance")
+    r.add_argument("--ray-dashboard", action="store_true",
+                   help="start the local Ray instance with Ray's dashboard (off by default: a study does not need it)")
     r.add_argument("--device", help="cpu, cuda or auto (overrides the config's device)")
+    r.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     common(r)
     r.set_defaults(fn=cmd_run)
 
@@ -316,28 +422,26 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--preset")
     t.add_argument("--out")
     t.add_argument("--force", action="store_true")
+    t.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     common(t)
     t.set_defaults(fn=cmd_train)
 
-    for name, helptext in (("walk", "protocol 1: random walks / Metropolis / Langevin"),
-                           ("connect", "protocol 2: permutations, barriers, paths, planes"),
-                           ("replicas", "protocol 3: overlaps, P(q), tree, ultrametricity"),
-                           ("curvature", "protocol 4: Hessian, flatness, Kendall tau"),
-                           ("reference", "the SK and spherical p-spin glasses and a convex control")):
-        s = sub.add_parser(name, help=f"{helptext}, on an existing run folder")
+    for st in REGISTRY:  # one sub-command per stage that declares one
+        if not st.command:
+            continue
+        name = st.name
+        s = sub.add_parser(name, help=f"{st.command}, on an existing run folder")
         s.add_argument("run", help="run folder")
         s.add_argument("--redo", action="store_true", help="recompute even if the stage is done")
         s.add_argument("--no-report", action="store_true", help="do not rebuild report.html afterwards")
-        s.add_argument("--trust-config", action="store_true",
-                       help="allow importing code named by a run folder's config that you did not write")
+        s.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
         common(s)
         s.set_defaults(fn=cmd_stage)
 
     sel = sub.add_parser("select", help="which replica to ship: strategies graded on the untouched test split")
     sel.add_argument("run")
     sel.add_argument("--strategy", default=None, help="the strategy whose choice is exported (default: the config's)")
-    sel.add_argument("--trust-config", action="store_true",
-                     help="allow importing code named by a run folder's config that you did not write")
+    sel.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     sel.set_defaults(fn=cmd_select)
     im = sub.add_parser("import", help="import a folder of checkpoints (state_dict or safetensors) as replicas")
     im.add_argument("folder", help="folder of *.pt / *.pth / *.safetensors state_dicts")
@@ -347,6 +451,7 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--data", help="a data set name or package.module:factory")
     im.add_argument("--config", help="a study config for the later protocols (default: the quickstart preset)")
     im.add_argument("--force", action="store_true", help="replace an earlier import there (deletes only lossglass's files)")
+    im.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     common(im)
     im.set_defaults(fn=cmd_import)
 
@@ -380,19 +485,23 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    stdout = sys.stdout
+    sys.stdout = _PrintableStream(stdout)  # whatever a command prints, folder text included, reaches it escaped
     try:
         return args.fn(args)
     except LossglassError as e:
-        print(f"lossglass: error: {e}", file=sys.stderr)
+        print(f"lossglass: error: {printable(str(e), one_line=True)}", file=sys.stderr)
         return 2
     except OSError as e:  # a full disk, a file where a folder should be, a permission: one line, no traceback
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
-        print(f"lossglass: error: {e.strerror or e}{where}", file=sys.stderr)
+        print(f"lossglass: error: {printable(f'{e.strerror or e}{where}', one_line=True)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lossglass: interrupted; finished work is saved, run the same command again to resume",
               file=sys.stderr)
         return 130
+    finally:
+        sys.stdout = stdout
 
 
 if __name__ == "__main__":

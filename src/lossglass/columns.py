@@ -182,9 +182,21 @@ TABLES: dict[str, dict[str, str]] = {
 }
 
 
+def all_tables() -> dict[str, dict[str, str]]:
+    """The tables described here, then those a stage describes itself (:attr:`lossglass.stages.base.Stage.columns`:
+    a new stage's tables need no edit here)."""
+    from .stages import REGISTRY
+
+    out = dict(TABLES)
+    for st in REGISTRY:
+        for name, cols in st.columns.items():
+            out[name] = {**out.get(name, {}), **cols}
+    return out
+
+
 def describe(table: str, column: str) -> str | None:
     """The description of ``column`` in ``table`` (table names like ``overlaps_network-aligned`` match patterns)."""
-    for name, cols in TABLES.items():
+    for name, cols in all_tables().items():
         if fnmatch.fnmatch(table, name):
             for pat, text in cols.items():
                 if fnmatch.fnmatch(column, pat):
@@ -196,7 +208,7 @@ def reference() -> str:
     """docs/tables.md: every table and column."""
     lines = ["# lossglass tables", "", "Generated from `lossglass/columns.py` (`lossglass config --tables`). Every table "
              "is `RUN/tables/NAME.parquet` (`pandas.read_parquet`); `*` stands for a system label.", ""]
-    for name, cols in TABLES.items():
+    for name, cols in all_tables().items():
         lines += [f"## `{name}`", "", "| column | meaning |", "|---|---|"]
         lines += [f"| `{c}` | {t.replace('|', '/')} |" for c, t in cols.items()]
         lines.append("")

@@ -11,8 +11,6 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-import types
-import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -263,7 +261,8 @@ class SelectConfig(_Section):
                       "strategies (lower = flatter; local_entropy: higher = flatter). Average sharpness is the "
                       "closest of ours to the best generalisation predictors of Jiang et al. 2020.")
     n_resamples: PositiveInt = _f(2000, "Sub-pools drawn to estimate each strategy's expected test accuracy.")
-    pool: PositiveInt | None = _f(None, "Size of each random sub-pool (default: half the replicas, at least 3).")
+    pool: PositiveInt | None = _f(None, "Size of each random sub-pool a strategy picks its model from (default: half the replicas, at least 3); "
+                                         "the expected test accuracy of the pick is averaged over the sub-pools.")
 
 
 class ReferenceConfig(_Section):
@@ -397,17 +396,87 @@ def preset_text(name: str) -> str:
     return resources.files("lossglass.presets").joinpath(f"{name}.toml").read_text()
 
 
+#: the most bytes of a config file that are read (a config is a few kB)
+CONFIG_LIMIT = 1 << 20
+_KEY_DELIMITERS = re.compile(r"[\n{,]")
+
+
+def _longest_key(text: str) -> int:
+    """The most dots in a key of ``text`` (linear in its length): the text before the '=' of each key/value pair (a
+    pair starts a line, follows '{' or ','), and each table header ``[a.b]`` / ``[[a.b]]``."""
+    most = 0
+    for seg in _KEY_DELIMITERS.split(text):
+        key, eq, _ = seg.partition("=")
+        if eq or key.lstrip().startswith("["):
+            most = max(most, key.count("."))
+    return most
+
+#: the config keys that name code lossglass imports and runs
+CODE_KEYS = ("model.factory", "data.factory", "model.spec")
+
+
 def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """A TOML document as a dict. Any failure is one line naming ``source``: bad syntax, a number too long to
+    convert, more than :data:`CONFIG_LIMIT` characters, or nesting deeper than :data:`lossglass.store.MAX_DEPTH`
+    (tomllib recurses: a deeply nested document would otherwise end in a RecursionError)."""
+    from .store import MAX_DEPTH, nesting_depth
+
+    check(len(text) <= CONFIG_LIMIT, f"{source}: too large for a config ({len(text):,} characters; at most "
+          f"{CONFIG_LIMIT:,})")
+    # tomllib's time and memory grow with the square of a dotted key's length (a.a.a... = 1: 10,000 parts take 400
+    # MB): a key or table header of more than MAX_DEPTH parts is refused before it is parsed
+    check(_longest_key(text) <= MAX_DEPTH, f"{source}: not a config (a dotted key of more than {MAX_DEPTH} parts)")
     try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise LossglassError(f"{source}: not valid TOML ({e})") from None
+        raw = tomllib.loads(text)
+    except RecursionError:
+        raise LossglassError(f"{source}: not valid TOML (nested too deeply)") from None
+    except ValueError as e:  # TOMLDecodeError, and integers too long to convert
+        raise LossglassError(f"{source}: not valid TOML ({' '.join(str(e).split())[:300]})") from None
+    check(nesting_depth(raw) <= MAX_DEPTH, f"{source}: not a config (nested more than {MAX_DEPTH} levels deep)")
+    return raw
+
+
+def decode_config(data: bytes, source: str) -> dict[str, Any]:
+    """A config file's bytes (read once) parsed as UTF-8 TOML; one line naming ``source`` when they are not."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LossglassError(f"{source}: not valid TOML (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    return parse_toml(text, source)
+
+
+def config_code(cfg: StudyConfig) -> dict[str, str]:
+    """The code a config names (``{key: 'module:function'}`` for :data:`CODE_KEYS` that are set): building its
+    problem imports and runs it."""
+    values = (cfg.model.factory, cfg.data.factory, cfg.model.spec)
+    return {k: v for k, v in zip(CODE_KEYS, values) if v}
+
+
+def check_trusted(cfg: StudyConfig, data: bytes, path: str | Path, *, trust: bool = False,
+                  folder: str | Path | None = None) -> None:
+    """Refuse a config read from a run folder that this user's lossglass did not write (no valid signature of these
+    very bytes there) when it names code to import, unless ``trust`` (the user read it and says so:
+    ``--trust-config``). ``folder``: the run folder (default: the config's own folder, checked only when lossglass
+    has written there, see :func:`lossglass.store.written_by_lossglass`); a config anywhere else is the user's own."""
+    from .store import RunStore, written_by_lossglass
+
+    code = config_code(cfg)
+    if trust or not code:
+        return
+    where = Path(folder) if folder is not None else Path(path).parent
+    if folder is None and not written_by_lossglass(where):
+        return
+    if where.is_dir() and RunStore(where, create=False).is_trusted(data):
+        return
+    names = ", ".join(f"{k} = {v!r}" for k, v in code.items())
+    raise LossglassError(f"{path} names code that this command would import and run ({names}), and it was not "
+                         f"written by your lossglass in {where}; read it, then add --trust-config if you trust it")
 
 
 def _coerce(value: str) -> Any:
     try:
         return tomllib.loads(f"v = {value}")["v"]
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):
         return value
 
 
@@ -435,22 +504,34 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def load_config(path: str | Path | None = None, *, preset: str | None = None,
-                overrides: list[str] | None = None) -> StudyConfig:
+                overrides: list[str] | None = None, trust: bool = False) -> StudyConfig:
     """A validated config from a TOML file or a preset name, with ``--set`` overrides applied. Errors caused by an
-    override name the ``--set`` key, not the file or preset."""
+    override name the ``--set`` key, not the file or preset. The file is read once (at most :data:`CONFIG_LIMIT`
+    bytes) and those bytes are checked and parsed.
+
+    A file from a run folder that this user's lossglass did not write (see :func:`check_trusted`) is refused when it
+    names code to import, unless ``trust``: nothing is imported here, but whoever builds the study's problem would
+    run that code."""
+    from .store import read_file
+
     check((path is None) != (preset is None), "give either a config file or --preset NAME (not both)")
+    data = b""
     if preset is not None:
         raw, source = parse_toml(preset_text(preset), f"preset {preset}"), f"preset {preset}"
     else:
         p = Path(path)
         check(p.is_file(), f"config file {p} not found")
         try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as e:
+            data = read_file(p, CONFIG_LIMIT, follow=True)
+        except OSError as e:
+            raise LossglassError(f"config file {p} cannot be read ({e.strerror or e})") from None
+        except LossglassError as e:
             raise LossglassError(f"config file {p} cannot be read ({e})") from None
-        raw, source = parse_toml(text, str(p)), str(p)
+        raw, source = decode_config(data, str(p)), str(p)
     overrides = overrides or []
     cfg = validate(raw, source)  # the file itself must be valid before overrides are blamed
+    if path is not None:
+        check_trusted(cfg, data, Path(path), trust=trust)
     if overrides:
         cfg = validate(apply_overrides(raw, overrides), "--set " + " --set ".join(overrides))
     return cfg
@@ -476,28 +557,28 @@ def _drop_none(d: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------- the reference
-def _type_text(ann) -> str:
-    origin = typing.get_origin(ann)
-    args = typing.get_args(ann)
-    if origin is Literal:
-        return "one of " + ", ".join(f'"{a}"' if isinstance(a, str) else str(a) for a in args)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_text(a) for a in args if a is not type(None)) + (" (optional)" if type(None) in args else "")
-    if origin is list:
-        return f"list of {_type_text(args[0])}" if args else "list"
-    if ann is PositiveInt or getattr(ann, "__metadata__", None):
-        return "int > 0"
-    return getattr(ann, "__name__", str(ann))
+_BOUNDS = (("exclusiveMinimum", ">"), ("minimum", ">="), ("exclusiveMaximum", "<"), ("maximum", "<="))
+_TYPES = {"integer": "int", "number": "float", "string": "str", "boolean": "bool"}
 
 
-def _bounds(f) -> str:
-    parts = []
-    for m in f.metadata:
-        for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
-            v = getattr(m, attr, None)
-            if v is not None:
-                parts.append(f"{sym} {v}")
-    return ", ".join(parts)
+def _type_text(prop: dict, defs: dict) -> str:
+    """A key's type in words from its JSON schema (pydantic's ``model_json_schema``): allowed values, bounds, lists,
+    optional."""
+    if "$ref" in prop:
+        return defs[prop["$ref"].rsplit("/", 1)[1]].get("title", "table")
+    if "anyOf" in prop:
+        opts = [o for o in prop["anyOf"] if o.get("type") != "null"]
+        text = " or ".join(_type_text(o, defs) for o in opts)
+        return text + (" (optional)" if len(opts) < len(prop["anyOf"]) else "")
+    if "const" in prop:
+        return f'"{prop["const"]}"' if isinstance(prop["const"], str) else str(prop["const"])
+    if "enum" in prop:
+        return "one of " + ", ".join(f'"{v}"' if isinstance(v, str) else str(v) for v in prop["enum"])
+    if prop.get("type") == "array":
+        return "list of " + _type_text(prop["items"], defs) if "items" in prop else "list"
+    text = _TYPES.get(prop.get("type", ""), prop.get("type", "any"))
+    bounds = ", ".join(f"{sym} {prop[k]}" for k, sym in _BOUNDS if k in prop)
+    return f"{text} ({bounds})" if bounds else text
 
 
 def _toml_value(v) -> str:
@@ -506,21 +587,26 @@ def _toml_value(v) -> str:
     return json.dumps(v)
 
 
-def _rows(model: type[BaseModel] = None, prefix: str = "") -> list[tuple[str, str, str, str, str]]:
-    """(section doc, key, type, default, meaning) for every leaf key, sections in order."""
-    model = model or StudyConfig
+def _rows() -> list[tuple[str, str, str, str, str]]:
+    """(section doc, key, type, default, meaning) for every leaf key, sections in order, from the config's JSON schema
+    (``StudyConfig.model_json_schema()``: the validation rules the configs are checked with, so the reference cannot
+    drift from them)."""
+    schema = StudyConfig.model_json_schema()
+    defs = schema.get("$defs", {})
     out, subs = [], []
-    for name, f in model.model_fields.items():
-        sub = _section_type(f.annotation)
-        if sub is not None:
-            subs.append((sub, prefix + name + "."))
-            continue
-        b = _bounds(f)
-        typ = _type_text(f.annotation) + (f" ({b})" if b else "")
-        default = "none" if f.default is None else _toml_value(f.default)
-        out.append(((model.__doc__ or "").strip(), prefix + name, typ, default, f.description or ""))
-    for sub, p in subs:
-        out += _rows(sub, p)
+
+    def leaves(sch: dict, prefix: str, doc: str) -> None:
+        for name, prop in sch["properties"].items():
+            ref = prop.get("$ref")
+            if ref and defs[ref.rsplit("/", 1)[1]].get("type") == "object" and prefix == "":
+                subs.append((defs[ref.rsplit("/", 1)[1]], name + "."))
+                continue
+            default = "none" if prop.get("default") is None else _toml_value(prop["default"])
+            out.append((doc, prefix + name, _type_text(prop, defs), default, prop.get("description", "")))
+
+    leaves(schema, "", (StudyConfig.__doc__ or "").strip())
+    for sub, prefix in subs:
+        leaves(sub, prefix, sub.get("description", "").strip())
     return out
 
 

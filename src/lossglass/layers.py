@@ -10,6 +10,27 @@ or statistics supplied per layer (``recompute``: the whole training set at the e
 Garipov et al. 2018 and REPAIR, Jordan et al. 2023, for paths, planes and walks; ``fixed``: frozen ones).
 Supplied statistics enter as y = (h - mean) / sqrt(var + eps) * w + b computed elementwise, so the output is
 differentiable in ``mean`` and ``var`` too (what the exact gradient of the recompute energy needs).
+
+Parameters are read from the ``(K, P)`` vector (or its per-tensor list) through a
+:class:`~lossglass.layout.ParamLayout`. The two replica-batched dense products every path shares live here too:
+:func:`linear` (one GEMM for all replicas on shared inputs) and :func:`output_layer`.
+
+Example (two replicas of a small CNN, one grouped convolution for both):
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from lossglass.layout import ParamLayout
+    >>> net = nn.Sequential(nn.Unflatten(1, (1, 4, 4)), nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.Flatten(),
+    ...                     nn.Linear(32, 3))
+    >>> ops = build(net, 16)
+    >>> [o.kind for o in ops]
+    ['unflatten', 'conv', 'act', 'flatten', 'linear']
+    >>> layout = ParamLayout.from_module(net)
+    >>> theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).repeat(2, 1)
+    >>> x = torch.randn(5, 16)
+    >>> out = forward(layout, ops, theta, x)
+    >>> out.shape, torch.allclose(out[1], net(x), atol=1e-6)
+    (torch.Size([2, 5, 3]), True)
 """
 
 from __future__ import annotations
@@ -24,9 +45,49 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import check
+from .layout import ParamEntry, ParamLayout
 
 _ACT = {nn.ReLU: torch.relu, nn.Tanh: torch.tanh, nn.Sigmoid: torch.sigmoid, nn.GELU: F.gelu, nn.Identity: lambda z: z}
 _POOL = (nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A dense layer inside the flat vector: the entries of its weight ``(out, in)`` and bias (or None)."""
+
+    w: ParamEntry
+    b: ParamEntry | None
+
+    @classmethod
+    def named(cls, layout: ParamLayout, name: str) -> Linear:
+        """The layer whose parameters are ``{name}.weight`` and (when present) ``{name}.bias``."""
+        return cls(layout[f"{name}.weight"], layout.get(f"{name}.bias"))
+
+
+def linear(layout: ParamLayout, theta, layer: Linear, h: torch.Tensor) -> torch.Tensor:
+    """z_k = h W_k^T + b_k for K replicas: ``h`` ``(N, in)`` shared by all (one GEMM X [W_1 ... W_K]^T, the bias
+    fused into it) or ``(K, N, in)`` one batch each (``bmm``); returns ``(K, N, out)``."""
+    w = layout.view(theta, layer.w)
+    k, out_dim, in_dim = w.shape
+    b = layout.view(theta, layer.b) if layer.b is not None else None
+    if h.ndim == 2:  # shared input: one GEMM for all replicas, bias fused into it
+        n = h.shape[0]
+        wt = w.reshape(k * out_dim, in_dim).T
+        z = h @ wt if b is None else torch.addmm(b.reshape(1, k * out_dim), h, wt)
+        return z.view(n, k, out_dim).transpose(0, 1)
+    if b is None:
+        return torch.bmm(h, w.transpose(1, 2))
+    return torch.baddbmm(b.view(k, 1, out_dim), h, w.transpose(1, 2))
+
+
+def output_layer(layout: ParamLayout, theta, layer: Linear, h: torch.Tensor) -> torch.Tensor:
+    """The last (narrow) layer on ``h`` ``(K, N, in)`` computed as W (K, C, in) @ h^T (K, in, N): a bmm with a wide
+    output runs several times faster than (K, N, in) @ (K, in, C) for C = 10. Returns a ``(K, N, C)`` view."""
+    w = layout.view(theta, layer.w)
+    if layer.b is None:
+        return torch.bmm(w, h.transpose(1, 2)).transpose(1, 2)
+    b = layout.view(theta, layer.b).unsqueeze(-1)
+    return torch.baddbmm(b, w, h.transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass
@@ -88,25 +149,22 @@ def _img(h: torch.Tensor, k: int) -> torch.Tensor:
     return h.permute(1, 0, *range(2, h.ndim)).reshape(h.shape[1], k * h.shape[2], *h.shape[3:])
 
 
-def forward(problem, ops, theta, x: torch.Tensor, *, stats: dict | None = None, stop_at: int | None = None,
-            group: int | None = None, record: dict | None = None):
-    """Outputs ``(K, N, C)`` of K networks on ``x`` (``(N, D)`` shared or ``(K, N, D)``). BatchNorm op i uses
+def forward(param_layout: ParamLayout, ops, theta, x: torch.Tensor, *, stats: dict | None = None,
+            stop_at: int | None = None, group: int | None = None, record: dict | None = None):
+    """Outputs ``(K, N, C)`` of K networks on ``x`` (``(N, D)`` shared or ``(K, N, D)``), parameters
+    read through ``param_layout``. BatchNorm op i uses
     ``stats[i] = (mean, var)`` (``(K*C,)`` each, biased variance) when given, else the statistics of ``x``: of
     all of it, or with ``group=B`` of each block of B consecutive samples (N must then be a multiple of B or at
     most B). With ``stop_at=i`` returns the input of op i in its layout (used to collect statistics layer by
     layer). With ``record`` (a dict), BatchNorm layers without supplied statistics compute those of ``x`` exactly as
-    :meth:`~lossglass.problem.Problem.bn_statistics` does (double-precision sums) and store them in ``record[i]``:
+    :func:`lossglass.batchnorm.layerwise_statistics` does (double-precision sums) and store them in ``record[i]``:
     one pass gives every layer's statistics when ``x`` is the whole training set. ``ops`` is a Sequential's op list
-    or a :class:`Graph`."""
-    if stats is not None and stop_at is None and record is None and group is None and not torch.is_grad_enabled():
-        out = _cached_outputs(problem, theta, x, stats)
-        if out is not None:
-            return out
+    or a :class:`Graph`; ``theta`` the ``(K, P)`` vector or its per-tensor list (``layout.split``)."""
     if isinstance(ops, Graph):
-        return graph_forward(problem, ops, theta, x, stats=stats, stop_at=stop_at, group=group, record=record)
-    p = problem._param
-    info = problem._info
-    k = p(theta, problem.params[0]).shape[0]
+        return graph_forward(param_layout, ops, theta, x, stats=stats, stop_at=stop_at, group=group, record=record)
+    p = param_layout.view
+    info = param_layout
+    k = p(theta, info.entries[0]).shape[0]
     h, layout = x, ("vec_shared" if x.ndim == 2 else "vec")
     for i, o in enumerate(ops):
         if stop_at == i:
@@ -142,12 +200,10 @@ def forward(problem, ops, theta, x: torch.Tensor, *, stats: dict | None = None, 
             elif layout == "img_shared":
                 h, layout = h.reshape(h.shape[0], -1), "vec_shared"
         elif o.kind == "linear":
-            from .problem import _Linear
-
-            lin = _Linear(info[f"{o.name}.weight"], info.get(f"{o.name}.bias"))
+            lin = Linear.named(info, o.name)
             if i == len(ops) - 1 and layout == "vec":
-                return problem._output_layer(theta, lin, h)
-            h = problem._linear(theta, lin, h)
+                return output_layer(info, theta, lin, h)
+            h = linear(info, theta, lin, h)
             layout = "vec"
     check(layout == "vec", "the model's output is not a (batch, classes) tensor")
     return h
@@ -189,23 +245,6 @@ def _batch_norm(h: torch.Tensor, layout: str, k: int, w: torch.Tensor, b: torch.
     return (h - mean) / torch.sqrt(var + eps) * w.unsqueeze(1) + b.unsqueeze(1)
 
 
-def _cached_outputs(problem, theta, x: torch.Tensor, stats: dict) -> torch.Tensor | None:
-    """The outputs on ``x`` (a slice of the training set) at the point whose training-set statistics ``stats`` the
-    problem has just recorded in one pass (``Problem._one_pass_statistics``), or None: the pass that recorded them
-    computed exactly these outputs."""
-    cache = problem.__dict__.get("_stat_cache")
-    if cache is None or stats is not cache[1] or not isinstance(theta, torch.Tensor) or theta.shape != cache[0].shape:
-        return None
-    xa = cache[2]
-    if x.dtype != xa.dtype or x.shape[1:] != xa.shape[1:] or x.stride() != xa.stride() or x.device != xa.device:
-        return None
-    row = xa.stride(0) * xa.element_size()
-    off = x.data_ptr() - xa.data_ptr()
-    if off % row or not 0 <= off // row <= len(xa) - len(x) or not torch.equal(theta, cache[0]):
-        return None
-    return cache[3][:, off // row:off // row + len(x)]
-
-
 def _bn_apply(h: torch.Tensor, layout: str, k: int, w: torch.Tensor, b: torch.Tensor, stats, eps: float,
               group: int | None, record: dict | None, key) -> torch.Tensor:
     """BatchNorm with supplied statistics, with the batch's (recorded in ``record[key]`` when asked), or per group."""
@@ -226,14 +265,14 @@ def channel_stats(h: torch.Tensor, layout: str, k: int) -> tuple[torch.Tensor, t
     return h.sum(1).double().reshape(-1), h.square().sum(1).double().reshape(-1), h.shape[1]
 
 
-def spec(problem, ops: list[Op]) -> dict[str, tuple]:
+def spec(layout: ParamLayout, ops: list[Op]) -> dict[str, tuple]:
     """Permutations of hidden units / channels: op l's outputs (Linear rows, Conv filters, and the norm layers
     after it) and the next Linear/Conv's input axis; across a Flatten each channel is a block of H*W columns."""
     perms: dict[str, list] = {}
     current: str | None = None
     count = 0
     block = 1
-    names = problem._info
+    names = layout
     layers = [i for i, o in enumerate(ops) if o.kind in ("linear", "conv")]
     last = layers[-1] if layers else -1
     for i, o in enumerate(ops):
@@ -465,13 +504,11 @@ def _as_vec(h: torch.Tensor, layout: str, k: int) -> torch.Tensor:
     return h.unsqueeze(0).expand(k, *h.shape)
 
 
-def graph_forward(problem, g: Graph, theta, x: torch.Tensor, *, stats: dict | None = None, stop_at: int | None = None,
-                  group: int | None = None, record: dict | None = None):
+def graph_forward(param_layout: ParamLayout, g: Graph, theta, x: torch.Tensor, *, stats: dict | None = None,
+                  stop_at: int | None = None, group: int | None = None, record: dict | None = None):
     """The forward pass of :func:`forward` for a traced :class:`Graph` (same arguments and layouts)."""
-    from .problem import _Linear
-
-    p, info = problem._param, problem._info
-    k = p(theta, problem.params[0]).shape[0]
+    p, info = param_layout.view, param_layout
+    k = p(theta, info.entries[0]).shape[0]
     vals: list = [None] * len(g.ops)
     last = g.ops[-1].args[0]
     for i, o in enumerate(g.ops):
@@ -511,15 +548,15 @@ def graph_forward(problem, g: Graph, theta, x: torch.Tensor, *, stats: dict | No
             b = p(theta, info[f"{o.name}.bias"]).reshape(shape)
             vals[i] = (F.layer_norm(h, h.shape[-1:], eps=m.eps) * w + b, "vec")
         elif o.kind == "linear":
-            lin = _Linear(info[f"{o.name}.weight"], info.get(f"{o.name}.bias"))
+            lin = Linear.named(info, o.name)
             if layout == "img":
                 h, layout = _as_vec(h, layout, k), "vec"
             if layout == "vec" and h.ndim == 3 and i == last:  # the output layer: (K, N, C) as a bmm (see Problem)
-                vals[i] = (problem._output_layer(theta, lin, h), "vec")
+                vals[i] = (output_layer(info, theta, lin, h), "vec")
                 continue
             mid = h.shape[:-1] if layout == "shared" else h.shape[1:-1]
             flat = h.reshape(-1, h.shape[-1]) if layout == "shared" else h.reshape(k, -1, h.shape[-1])
-            vals[i] = (problem._linear(theta, lin, flat).reshape(k, *mid, -1), "vec")
+            vals[i] = (linear(info, theta, lin, flat).reshape(k, *mid, -1), "vec")
         elif o.kind == "act":
             vals[i] = (o.fn(h), layout)
         elif o.kind == "pool":

@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from ._util import resolve_device
+from .energy import FunctionProblem
 from .errors import check, choice
-from .problem import FunctionProblem
+from .manifold import Sphere
 
 ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "gelu": nn.GELU, "sigmoid": nn.Sigmoid}
 
@@ -277,13 +278,6 @@ def double_well(n_params: int, *, height: float = 1.0, device: str = "cpu",
     return FunctionProblem(energy, n_params, name="double-well", device=device, dtype=dtype)
 
 
-def _sphere(theta: torch.Tensor) -> torch.Tensor:
-    """theta rescaled onto the p-spin sphere |s|^2 = N (N = theta.shape[-1]); the problem's manifold does this."""
-    from .problem import Sphere
-
-    return Sphere(math.sqrt(theta.shape[-1])).project(theta)
-
-
 def spherical_pspin(n_spins: int, p: int = 3, seed: int = 0, *, device: str = "cpu",
                     dtype: torch.dtype = torch.float64) -> FunctionProblem:
     """The spherical p-spin glass (Crisanti & Sommers 1992), energy per spin:
@@ -299,8 +293,6 @@ def spherical_pspin(n_spins: int, p: int = 3, seed: int = 0, *, device: str = "c
     temperature T given in units of E (the energy per spin) is the physical temperature T_phys = N T;
     :func:`lossglass.sampling.parallel_tempering` takes physical temperatures (units of H).
     """
-    from .problem import Sphere
-
     check(p in (2, 3), f"spherical_pspin supports p = 2 or 3, got {p}")
     check(isinstance(n_spins, int) and n_spins >= p, f"n_spins must be an int >= {p}, got {n_spins!r}")
     dev = resolve_device(device)

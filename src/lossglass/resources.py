@@ -101,8 +101,22 @@ def _n_params(cfg: StudyConfig, features: int) -> tuple[int, int]:
     return sum(sizes), sizes[0]
 
 
-def estimate(cfg: StudyConfig) -> Estimate:
-    """Rough memory, disk and time of every stage of ``cfg`` (user factories: only what the config says)."""
+@dataclass
+class Sizes:
+    """What the per-stage estimates share: data sizes, parameter counts, replicas and the machine's rate."""
+
+    n_train: int
+    n_test: int
+    features: int
+    n_params: int  # 0 for a user's own model (unknown before it is built)
+    first_layer: int
+    replicas: int
+    rate: float
+    classes: int = _CLASSES
+
+
+def sizes(cfg: StudyConfig) -> tuple[Sizes, Estimate]:
+    """The sizes of ``cfg``'s study and an estimate holding its data's memory."""
     est = Estimate()
     d = cfg.data
     full_tr, full_te, feat = _SIZES.get(d.name, (0, 0, 0))
@@ -117,49 +131,18 @@ def estimate(cfg: StudyConfig) -> Estimate:
     p, first = _n_params(cfg, feat)
     t = cfg.train
     k = sum((g.replicas or t.replicas) for g in t.groups) if t.groups else t.replicas
-    rate = matmul_rate()
-    if p:
-        est.add("memory", f"{k:,} replicas x {p:,} parameters", k * p * 4 * 3 + min(k, t.chunk) * p * 4 * 8 + 2**28)
-        est.add("disk", "replicas, task results and checkpoints", k * p * 4 * 2 + min(k, t.chunk) * p * 4 * 3)
-        epochs = max([g.epochs or t.epochs for g in t.groups] or [t.epochs])
-        what = "train (at most; a stop criterion ends it earlier)" if t.stop_at_loss or t.stop_at_accuracy else "train"
-        est.add("time", what, 6 * p * n_tr * epochs * k / rate)
-        w = cfg.walk
-        if w.enabled:
-            walkers = w.n_walkers * w.starts
-            runs = len(w.temperatures) + (1 if w.langevin_steps else 0)
-            n_w = min(w.n_data or n_tr, n_tr)
-            est.add("memory", "walk snapshots", 24 * walkers * p * 4 * 2)
-            est.add("disk", "walk snapshots", runs * 24 * walkers * p * 4)
-            est.add("time", "walk", runs * max(w.steps, w.langevin_steps) * walkers * 2 * p * (n_w + n_te / 5) / rate)
-        c = cfg.connect
-        if c.enabled:
-            later = max(p - first, 1)
-            points = 2 * c.plane_steps**2 + len(c.swaps) * c.n_points + 2 * c.pairs * c.n_points
-            est.add("time", f"connect ({points:,} path and plane points)",
-                    points * 2 * later * (n_tr + n_te) / rate + c.bezier_steps * 3 * 2 * p * 256 * 4 / rate)
-            for wd in c.widths:
-                pw = feat * wd + wd + wd * _CLASSES + _CLASSES
-                est.add("time", f"connect width {wd}", 6 * pw * n_tr * t.epochs * c.width_replicas / rate)
-                est.add("memory", f"width {wd} replicas", c.width_replicas * pw * 4 * 8)
-        cv = cfg.curvature
-        if cv.enabled:
-            n_h = min(cv.n_hvp_data or n_tr, n_tr)
-            hvps = 30 * cv.top_k + cv.trace_probes + cv.slq_steps * 2 + 40
-            entropy = 62 * cv.entropy_chains  # subset simulation: up to ~62 batched evaluations of the chains
-            est.add("time", "curvature", k * (hvps * 8 + entropy * 2) * p * n_h / rate)
-        rc = cfg.replicas
-        if rc.enabled and rc.basin_temperature > 0:
-            n_b = min(rc.basin_n_data or n_tr, n_tr)
-            est.add("time", "within-basin sampling", rc.basin_samples * rc.basin_sweeps * 2 * p * n_b / rate)
-    r = cfg.reference
-    if r.enabled:
-        n = r.n_spins
-        est.add("memory", f"p-spin couplings (N = {n}, p = {r.p})", 40 * n**3 if r.p == 3 else 24 * n**2)
-        est.add("time", "reference p-spin descent", r.steps * r.replicas * 4 * (n**3 if r.p == 3 else n**2) / rate)
-        if r.sk_spins:  # ~80 ns per chain, site and sweep (vectorised single-spin flips), measured at N = 64
-            est.add("time", "reference SK parallel tempering",
-                    r.sk_samples * r.sk_sweeps * len(r.sk_temperatures) * r.sk_replicas * r.sk_spins * 8e-8)
+    return Sizes(n_tr, n_te, feat, p, first, k, matmul_rate()), est
+
+
+def estimate(cfg: StudyConfig) -> Estimate:
+    """Rough memory, disk and time of every stage of ``cfg`` (user factories: only what the config says): the data,
+    then each stage's own share (:meth:`lossglass.stages.base.Stage.estimate`)."""
+    from .stages import REGISTRY
+
+    size, est = sizes(cfg)
+    for stage in REGISTRY:
+        if stage.wanted(cfg):
+            stage.estimate(cfg, size, est)
     return est
 
 

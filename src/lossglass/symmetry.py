@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import math
 import operator
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,6 +27,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ._util import as_batch, seed_for
+from .batchnorm import BATCHNORM_TYPES, is_batchnorm
 from .errors import LossglassError, check, choice
 from .layers import describe_node
 from .problem import Problem
@@ -44,8 +46,9 @@ def _entries(axes) -> list[tuple[str, int, int, int]]:
 
 def _shape_of(problem: Problem, name: str) -> tuple[int, ...] | None:
     """Shape of a parameter or buffer of the problem's model, None when it has neither."""
-    if name in problem._info:
-        return problem._info[name].shape
+    entry = problem.layout.get(name)
+    if entry is not None:
+        return entry.shape
     buf = getattr(problem, "buffers", {}).get(name)
     return None if buf is None else tuple(buf.shape)
 
@@ -73,7 +76,7 @@ class PermutationSpec:
         return out
 
     def validate(self, problem: Problem) -> PermutationSpec:
-        names = list(problem._info) + list(getattr(problem, "buffers", {}))
+        names = problem.layout.names + list(getattr(problem, "buffers", {}))
         for name, axes in self.perms.items():
             check(len(axes) > 0, f"permutation {name!r} acts on nothing")
             for entry in axes:
@@ -90,20 +93,19 @@ class PermutationSpec:
 
 def mlp_spec(problem: Problem) -> PermutationSpec:
     """The hidden-unit permutations of an MLP of any depth (one per hidden layer), or of a Conv/Linear stack
-    with norm layers (one per hidden layer of units or channels)."""
-    if problem._plan is None and getattr(problem, "_seq", None) is not None:
-        from . import layers
-
-        return PermutationSpec(layers.spec(problem, problem._seq))
-    if problem._plan is None:
+    with norm layers (one per hidden layer of units or channels): what the problem's forward path
+    (:meth:`lossglass.backends.Backend.permutation_spec`) knows of its layers."""
+    backend = getattr(problem, "backend", None)
+    perms = None if backend is None else backend.permutation_spec()
+    if perms is None:
         raise LossglassError(f"{problem!r} is not a plain MLP, so its permutation symmetry cannot be derived; "
                              "declare it: problem.spec = PermutationSpec({'P0': (('layer.weight', 0), ...)})")
-    lin = [op for kind, op in problem._plan if kind == "linear"]
-    perms = {}
-    for i, (a, b) in enumerate(zip(lin[:-1], lin[1:])):
-        axes = [(a.w.name, 0)] + ([(a.b.name, 0)] if a.b is not None else []) + [(b.w.name, 1)]
-        perms[f"P{i}"] = tuple(axes)
     return PermutationSpec(perms)
+
+
+#: specs derived by tracing, per model (a problem and the problems it derives, e.g. with frozen BatchNorm
+#: statistics, share their model; the entry goes when the model does)
+_DERIVED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def spec_of(problem: Problem) -> PermutationSpec:
@@ -111,13 +113,13 @@ def spec_of(problem: Problem) -> PermutationSpec:
     model :func:`derive_spec` on two training inputs (derived once per problem, then reused)."""
     spec = getattr(problem, "spec", None)
     if spec is None:
-        if problem._plan is not None:
+        if problem.is_mlp:
             spec = mlp_spec(problem)
         else:
-            spec = problem.__dict__.get("_derived_spec")
+            spec = _DERIVED.get(problem.model)
             if spec is None:
                 spec = derive_spec(problem.model, problem.data["train"][0][:2])
-                problem.__dict__["_derived_spec"] = spec
+                _DERIVED[problem.model] = spec
     return spec.validate(problem)
 
 
@@ -151,7 +153,7 @@ def permute(problem: Problem, theta: torch.Tensor, perm: Perm) -> torch.Tensor:
         p = p.to(theta.device)
         pk = p.expand(k, -1) if p.ndim == 1 else p
         for pname, axis, _, outer in _entries(spec.perms[name]):
-            info = problem._info.get(pname)
+            info = problem.layout.get(pname)
             if info is None:  # a buffer: not part of theta (see permute_state)
                 continue
             t = _permute_axis(out[:, info.slice].reshape(k, *info.shape), axis, pk, outer)
@@ -272,37 +274,13 @@ def weight_matching(problem: Problem, reference: torch.Tensor, theta: torch.Tens
 def hidden_activations(problem: Problem, theta: torch.Tensor, x: torch.Tensor) -> list[torch.Tensor]:
     """What each hidden layer hands to the next Linear/Conv, as ``[(K, M, units_l)]``: for an MLP M = N samples
     and the units are the hidden neurons; for a CNN the units are channels and M = N x positions (each
-    spatial position is a sample of the channel), also across a Flatten."""
-    k = theta.shape[0]
-    if problem._plan is not None:
-        outs, h = [], x
-        plan = problem._plan
-        for i, (kind, op) in enumerate(plan):
-            h = problem._linear(theta, op, h) if kind == "linear" else op(h)
-            if kind == "act" and (i + 1 == len(plan) or plan[i + 1][0] == "linear"):
-                outs.append(h)
-        return outs
-    from . import layers
-
-    if getattr(problem, "_seq", None) is None or isinstance(problem._seq, layers.Graph):
+    spatial position is a sample of the channel), also across a Flatten. BatchNorm layers use the statistics
+    :meth:`~lossglass.problem.Problem.evaluate` uses (:meth:`~lossglass.problem.Problem.evaluation_statistics`)."""
+    backend = getattr(problem, "backend", None)
+    if backend is None or not backend.has_hidden_activations:
         raise LossglassError("activation matching (and activation overlaps) need an MLP or a Sequential Conv/Linear "
                              f"stack; {type(problem.model).__name__} is neither: use method='weight' (weight matching)")
-
-    ops = problem._seq
-    consumers = [i for i, o in enumerate(ops) if o.kind in ("linear", "conv")][1:]
-    stats = problem._eval_stats(theta)
-    outs = []
-    for i in consumers:
-        h, layout = layers.forward(problem, ops, theta, x, stats=stats, stop_at=i)
-        n = h.shape[0] if layout == "img" else h.shape[1]
-        if layout == "img":  # (N, K*C, H, W) -> (K, N*H*W, C)
-            c = h.shape[1] // k
-            h = h.reshape(n, k, c, -1).permute(1, 0, 3, 2).reshape(k, -1, c)
-        elif i > 0 and ops[i - 1].kind == "flatten" and len(ops[i - 2].out_shape) == 3:  # channel blocks
-            c = ops[i - 2].out_shape[0]
-            h = h.reshape(k, n, c, -1).permute(0, 1, 3, 2).reshape(k, -1, c)
-        outs.append(h)
-    return outs
+    return backend.hidden_activations(theta, x, problem.evaluation_statistics(theta))
 
 
 def activation_matching(problem: Problem, reference: torch.Tensor, theta: torch.Tensor, *,
@@ -403,7 +381,7 @@ class _Groups:
         self.frozen[self.find(g)] = True
 
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_NORMS = (*BATCHNORM_TYPES, nn.LayerNorm, nn.GroupNorm)
 _LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding) + _NORMS
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
                         nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Softsign)
@@ -642,7 +620,7 @@ def _analyse(model: nn.Module, example_input: torch.Tensor):
                     out = channelwise(v0, [(pre + "weight", 0)] + bias, what, ch)
                 else:
                     raise _unsupported(f"{what} (grouped convolution with {m.groups} groups)")
-            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            elif is_batchnorm(m):
                 entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
                 entries += [(pre + n, 0) for n in ("running_mean", "running_var") if getattr(m, n, None) is not None]
                 out = channelwise(v0, entries, what, 1 - len(s_in))
@@ -811,7 +789,7 @@ def _verify(model: nn.Module, spec: PermutationSpec, x: torch.Tensor, seed: int)
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.1)
         for mod in m.modules():
-            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.running_mean is not None:
+            if is_batchnorm(mod) and mod.running_mean is not None:
                 mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=g, dtype=torch.float64))
                 mod.running_var.copy_(0.5 + torch.rand(mod.running_var.shape, generator=g, dtype=torch.float64))
         xx = x.double() if torch.is_floating_point(x) else x

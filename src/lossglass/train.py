@@ -5,6 +5,10 @@ mixed from ``(seed, replica_id)``, so replica k is the same network whether it i
 1,024 replicas. A replica whose loss or parameters become NaN/inf is frozen at its state at the start of that epoch and
 flagged ``diverged``; with a stop criterion (``stop_at_loss`` / ``stop_at_accuracy``) a replica that reaches it is
 frozen where it is (``reached_stop``); in both cases the others go on.
+
+:func:`train` is a driver: it builds a chain of update rules (:mod:`lossglass.optim`) from its arguments, keeps
+everything that must survive an interruption in one :class:`TrainState`, and checkpoints it with
+:mod:`lossglass.checkpoint`.
 """
 
 from __future__ import annotations
@@ -12,15 +16,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._util import check_finite, generators, randn_per
+from . import checkpoint as ckpt_io
+from . import optim
+from ._util import check_finite, generators
 from .errors import check, choice
-from .problem import FunctionProblem, Problem
+from .problem import Problem
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 METHODS = ("sgd", "sam", "langevin", "replicated")
@@ -54,6 +59,105 @@ class Replicas:
         return torch.as_tensor(~self.table["diverged"].to_numpy(bool))
 
 
+@dataclass
+class TrainState:
+    """Everything training carries from one epoch to the next, and all a checkpoint holds.
+
+    ``theta`` ``(K, P)``; ``rules``: the state of the update rules (:func:`lossglass.optim.chain`'s dict);
+    ``batch_gens`` / ``noise_gens``: one generator per replica for its order of mini-batches and its SGHMC noise;
+    ``alive`` (False once diverged) and ``done`` (True once the stop criterion is reached), ``(K,)`` bool on the
+    parameters' device; ``diverged_at`` (the step, or -1) and ``epochs_trained``, ``(K,)`` int64 on the CPU;
+    ``epoch`` / ``step``: epochs and optimiser steps completed; ``kept``: the snapshots taken so far, by step.
+
+    :meth:`save` and :meth:`load` round-trip it bit for bit (tensors, counters, generator states)."""
+
+    theta: torch.Tensor
+    rules: dict[str, torch.Tensor]
+    batch_gens: list[torch.Generator]
+    noise_gens: list[torch.Generator]
+    alive: torch.Tensor
+    done: torch.Tensor
+    diverged_at: torch.Tensor
+    epochs_trained: torch.Tensor
+    epoch: int = 0
+    step: int = 0
+    kept: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, theta: torch.Tensor, rule: optim.Rule, batch_gens: list[torch.Generator],
+              noise_gens: list[torch.Generator]) -> TrainState:
+        """The state before the first step: the rules' initial state, every replica alive and training."""
+        k, dev = theta.shape[0], theta.device
+        return cls(theta, rule.init(theta), batch_gens, noise_gens, torch.ones(k, dtype=torch.bool, device=dev),
+                   torch.zeros(k, dtype=torch.bool, device=dev), torch.full((k,), -1, dtype=torch.long),
+                   torch.zeros(k, dtype=torch.long))
+
+    @property
+    def moving(self) -> torch.Tensor:
+        """The replicas that still train: not diverged, not stopped."""
+        return self.alive & ~self.done
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state as named tensors (the generators' states are added by :meth:`save`)."""
+        return {"theta": self.theta, **{f"rules.{k}": v for k, v in self.rules.items()},
+                "alive": self.alive.to(torch.uint8), "diverged_at": self.diverged_at,
+                "epoch": torch.tensor(self.epoch), "step": torch.tensor(self.step), "done": self.done.to(torch.uint8),
+                "epochs_trained": self.epochs_trained, **{f"kept.{s}": v for s, v in self.kept.items()}}
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Checkpoint the state to ``path`` (atomically, the previous file kept as ``NAME.prev``)."""
+        ckpt_io.save(path, self.tensors(), self.batch_gens + self.noise_gens)
+
+    def load(self, path: str | os.PathLike) -> bool:
+        """Replace this state by the newest usable checkpoint at ``path`` (else ``NAME.prev``); False when there is
+        none. A checkpoint of other replicas (another shape) is discarded with a warning, as is a damaged one. The
+        generators are set in place, so rules that hold them draw on from the saved states.
+
+        Checkpoints written before the update rules were composed (``buf1``/``buf2``) are read too: their buffers are
+        the rules' buffers in chain order (velocity; or Adam's mu, nu)."""
+        shape = tuple(self.theta.shape)
+
+        def legacy(st) -> bool:  # written by the inline trainer: its one stateful optimiser kept buf1 (and buf2)
+            return "buf1" in st and not any(k.startswith("rules.") for k in st)
+
+        def accept(st, file):
+            got = tuple(st["theta"].shape)
+            if got != shape:
+                return f"it holds replicas of shape {got}"
+            if not legacy(st) and any(f"rules.{k}" not in st for k in self.rules):
+                return "it was written by other update rules"
+            return None
+
+        st = ckpt_io.load(path, keys=("theta", "alive", "diverged_at", "epoch", "step"), accept=accept, stacklevel=3)
+        if st is None:
+            return False
+        dev, dt = self.theta.device, self.theta.dtype
+        if legacy(st):
+            saved = dict(zip(self.rules, (st["buf1"], st["buf2"])))
+        else:
+            saved = {k: st[f"rules.{k}"] for k in self.rules}
+        self.theta = st["theta"].to(dev, dt).clone()
+        self.rules = {k: v.to(dev, dt) for k, v in saved.items()}
+        self.alive, self.diverged_at = st["alive"].to(dev).bool(), st["diverged_at"].long()
+        self.epoch, self.step = int(st["epoch"]), int(st["step"])
+        self.done = st["done"].to(dev).bool() if "done" in st else self.done
+        self.epochs_trained = (st["epochs_trained"].long() if "epochs_trained" in st
+                               else torch.full_like(self.epochs_trained, self.epoch))
+        ckpt_io.restore_generators(st, self.batch_gens + self.noise_gens)
+        self.kept = {int(k.split(".")[1]): v for k, v in st.items() if k.startswith("kept.")}
+        return True
+
+    def freeze(self, bad: torch.Tensor, safe: torch.Tensor) -> None:
+        """Flag the ``bad`` replicas diverged at this step, restore them to ``safe`` (their state at the start of the
+        epoch) and clear their optimiser buffers, so that nothing moves them again."""
+        if not bad.any():
+            return
+        self.diverged_at[bad.cpu()] = self.step
+        self.theta[bad] = safe[bad]
+        optim.zero_rows(self.rules, bad)
+        self.alive = self.alive & ~bad
+
+
 def _as_per_replica(value, k: int, name: str) -> torch.Tensor:
     t = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
     check(t.numel() in (1, k), f"{name} must be a number or a list of {k} values, got {t.numel()} values")
@@ -61,47 +165,34 @@ def _as_per_replica(value, k: int, name: str) -> torch.Tensor:
     return t.expand(k).clone()
 
 
-def _save_checkpoint(path: Path, state: dict[str, torch.Tensor], gens: list[torch.Generator]) -> None:
-    """Write the training state atomically (fsynced, then renamed, then the folder fsynced); the previous
-    checkpoint is kept as ``NAME.prev`` so a checkpoint damaged by a power cut still leaves the one before."""
-    from safetensors.torch import save
+def update_rule(optimizer: str = "sgd", method: str = "sgd", *, momentum: float = 0.9, weight_decay: float = 0.0,
+                temperature: float = 1e-5, gamma: tuple[float, float] = (1e-3, 1.0),
+                noise_gens: list[torch.Generator] | None = None) -> optim.Rule:
+    """The chain of update rules :func:`train` runs for ``optimizer`` and ``method`` (SAM wraps the gradient and
+    is not part of it):
 
-    from .store import atomic_write_bytes
+    - weight decay: ``adamw`` decays outside the gradient (:func:`~lossglass.optim.decoupled_weight_decay`), the
+      others through it (:func:`~lossglass.optim.add_decayed_weights`: the energy is E + lambda |theta|^2 / 2);
+    - ``"replicated"`` adds the coupling (:func:`~lossglass.optim.replicated`) after the decay;
+    - ``"sgd"`` is heavy-ball :func:`~lossglass.optim.momentum` (a buffer even at momentum 0), or
+      :func:`~lossglass.optim.sghmc` at ``temperature`` for ``"langevin"``; ``"adam"`` / ``"adamw"`` use
+      (0.9, 0.999, 1e-8).
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    for i, g in enumerate(gens):
-        tensors[f"rng.{i}"] = g.get_state()
-    data = save(tensors)
-    if path.exists():
-        os.replace(path, _prev(path))
-    atomic_write_bytes(path, data)
-
-
-def _prev(path: Path) -> Path:
-    return path.with_name(path.name + ".prev")
-
-
-def _load_checkpoint(path: Path, shape: tuple[int, int]) -> dict[str, torch.Tensor] | None:
-    """The newest readable checkpoint for replicas of ``shape`` (``path``, else ``NAME.prev``), or None. An empty or
-    damaged file is discarded with a warning: training resumes from the one before, or starts over."""
-    import warnings
-
-    from safetensors.torch import load
-
-    for p in (path, _prev(path)):
-        if not p.exists():
-            continue
-        try:
-            st = load(p.read_bytes())
-            if tuple(st["theta"].shape) == tuple(shape):
-                return st
-            reason = f"it holds replicas of shape {tuple(st['theta'].shape)}"
-        except Exception as e:  # noqa: BLE001 - empty, truncated or foreign file
-            reason = f"it is unreadable ({type(e).__name__})"
-        warnings.warn(f"discarding checkpoint {p}: {reason}; resuming from an earlier state", RuntimeWarning,
-                      stacklevel=3)
-        p.unlink()
-    return None
+    >>> update_rule("sgd", "replicated", weight_decay=1e-4).name
+    'chain(add_decayed_weights, replicated, momentum)'
+    """
+    rules = []
+    if weight_decay and optimizer != "adamw":
+        rules.append(optim.add_decayed_weights(weight_decay))
+    if method == "replicated":
+        rules.append(optim.replicated(gamma))
+    if optimizer == "sgd":
+        rules.append(optim.sghmc(temperature, noise_gens, momentum) if method == "langevin" else optim.momentum(momentum))
+    elif optimizer == "adam":
+        rules.append(optim.adam())
+    else:
+        rules.append(optim.adamw(weight_decay))
+    return optim.chain(*rules)
 
 
 def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int = 128, lr=0.05,
@@ -137,7 +228,8 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
         growing geometrically from gamma[0] to gamma[1] over training (replicas are coupled by design; the
         centre is the mean of the non-diverged replicas, stopped ones included).
     ``lr`` may be one number or one per replica. ``epochs`` is the maximum number of epochs; the cosine
-    schedule runs over all of them.
+    schedule runs over all of them. The update is the chain of rules :func:`update_rule` builds
+    (:mod:`lossglass.optim`); SAM wraps the gradient (:func:`lossglass.optim.sam`).
 
     Stop criterion (Jiang et al. 2020 train every model to cross-entropy 0.01): with ``stop_at_loss`` and/or
     ``stop_at_accuracy``, after every epoch the replicas still training are evaluated on the whole training
@@ -148,10 +240,71 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     ``keep_at``: optimiser steps (0 = the initialisation) after which the replicas are kept, returned as
     ``Replicas.snapshots`` (a replica stopped or frozen before a kept step is kept as it is then).
 
-    ``checkpoint`` is a file where the full state is written atomically after every epoch; training started
-    again with the same file resumes from it (bit-identical to an uninterrupted run).
+    ``checkpoint`` is a file where the full state (:class:`TrainState`) is written atomically after every epoch;
+    training started again with the same file resumes from it (bit-identical to an uninterrupted run).
     ``evaluate=False`` skips the final train/test evaluation (the table's metrics are then NaN).
     """
+    _check_arguments(problem, n_replicas, epochs, batch_size, optimizer, method, lr_schedule, momentum, weight_decay,
+                     rho, temperature, stop_at_loss, stop_at_accuracy)
+    k, dev, dt = n_replicas, problem.device, problem.dtype
+    ids = list(range(k)) if replica_ids is None else [int(i) for i in replica_ids]
+    check(len(ids) == k, f"replica_ids has {len(ids)} entries for {k} replicas")
+    lrs = _as_per_replica(lr, k, "lr").to(dev, dt)
+    check(bool((lrs > 0).all()), f"lr must be > 0, got {lr}")
+    theta = problem.init(k, seed, ids=ids) if theta0 is None else theta0.detach().to(dev, dt).clone()
+    check(theta.shape == (k, problem.n_params), f"theta0 must have shape ({k}, {problem.n_params})")
+    check_finite(theta, "theta0")
+    per_epoch = _steps_per_epoch(problem, batch_size)
+    total_steps = epochs * per_epoch
+    keep = sorted({int(s_) for s_ in (keep_at or [])})
+    check(all(0 <= s_ <= total_steps for s_ in keep), f"keep_at steps must be in 0..{total_steps} (the last step of "
+          f"{epochs} epochs of {per_epoch} steps), got {keep}")
+
+    noise_gens = generators(seed, ids, stream=2)
+    rule = update_rule(optimizer, method, momentum=momentum, weight_decay=weight_decay, temperature=temperature,
+                       gamma=gamma, noise_gens=noise_gens)
+    sam = optim.sam(rho) if method == "sam" else None
+    state = TrainState.start(theta, rule, generators(seed, ids, stream=1), noise_gens)
+    if checkpoint is not None:
+        state.load(checkpoint)
+    if 0 in keep and state.step == 0:
+        state.kept[0] = state.theta.detach().cpu().clone()
+    bar = tqdm(total=total_steps, initial=state.step, desc=f"train {k} replicas", disable=not progress or None,
+               leave=False, unit="step")
+    state.theta = state.theta.clone()
+    for epoch in range(state.epoch, epochs):
+        if not bool(state.moving.any()):  # every replica stopped or diverged (also on resume)
+            break
+        safe = state.theta.clone()  # a diverging replica is restored to its state at the start of the epoch
+        for s, (xb, yb) in enumerate(_batches(problem, state.batch_gens, batch_size, k)):
+            frac = state.step / max(total_steps - 1, 1)
+            scale = 0.5 * (1 + math.cos(math.pi * frac)) if lr_schedule == "cosine" else 1.0
+            loss = _step(problem, rule, sam, state, (lrs * scale).unsqueeze(1), frac, xb, yb, safe)
+            if state.step in keep:
+                state.kept[state.step] = state.theta.detach().cpu().clone()
+            bar.update(1)
+            if s % 20 == 0:
+                moving = state.moving
+                bar.set_postfix(loss=f"{loss[moving].mean().item():.4f}" if moving.any() else "all stopped")
+        _end_epoch(problem, state, safe, stop_at_loss, stop_at_accuracy)
+        state.epoch = epoch + 1
+        if checkpoint is not None:
+            state.save(checkpoint)
+    bar.close()
+    theta = state.theta
+    for s_ in keep:  # steps after every replica stopped: they stay where they are
+        state.kept.setdefault(s_, theta.detach().cpu().clone())
+    snaps = torch.stack([state.kept[s_] for s_ in keep]) if keep else None
+    return Replicas(theta.detach(), _table(problem, theta, ids, seed, dict(
+        epochs=epochs, batch_size=batch_size, optimizer=optimizer, method=method, momentum=momentum,
+        weight_decay=weight_decay, stop_at_loss=math.nan if stop_at_loss is None else float(stop_at_loss),
+        stop_at_accuracy=math.nan if stop_at_accuracy is None else float(stop_at_accuracy)),
+        lrs, state.alive, state.diverged_at, evaluate, epochs_trained=state.epochs_trained,
+        reached=(state.done & state.alive).cpu()), snaps, keep)
+
+
+def _check_arguments(problem, n_replicas, epochs, batch_size, optimizer, method, lr_schedule, momentum, weight_decay,
+                     rho, temperature, stop_at_loss, stop_at_accuracy) -> None:
     check(isinstance(n_replicas, int) and n_replicas > 0, f"n_replicas must be a positive int, got {n_replicas!r}")
     check(isinstance(epochs, int) and epochs > 0, f"epochs must be a positive int, got {epochs!r}")
     check(isinstance(batch_size, int) and batch_size > 0, f"batch_size must be a positive int, got {batch_size!r}")
@@ -168,150 +321,62 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
           f"stop_at_loss must be None or a finite number, got {stop_at_loss!r}")
     check(stop_at_accuracy is None or (isinstance(stop_at_accuracy, (int, float)) and 0 <= stop_at_accuracy <= 1),
           f"stop_at_accuracy must be None or a number in [0, 1], got {stop_at_accuracy!r}")
-    k, dev, dt = n_replicas, problem.device, problem.dtype
-    is_fn = isinstance(problem, FunctionProblem)
-    check(stop_at_accuracy is None or not is_fn,
+    check(stop_at_accuracy is None or problem.has_data,
           f"stop_at_accuracy needs labelled data; {problem!r} is an energy function without accuracy (use stop_at_loss)")
-    stopping = stop_at_loss is not None or stop_at_accuracy is not None
-    ids = list(range(k)) if replica_ids is None else [int(i) for i in replica_ids]
-    check(len(ids) == k, f"replica_ids has {len(ids)} entries for {k} replicas")
-    lrs = _as_per_replica(lr, k, "lr").to(dev, dt)
-    check(bool((lrs > 0).all()), f"lr must be > 0, got {lr}")
-    theta = problem.init(k, seed, ids=ids) if theta0 is None else theta0.detach().to(dev, dt).clone()
-    check(theta.shape == (k, problem.n_params), f"theta0 must have shape ({k}, {problem.n_params})")
-    check_finite(theta, "theta0")
 
-    if is_fn:
-        n_data, steps_per_epoch = 0, 1
-    else:
-        x_train, y_train = problem.data["train"]
-        n_data = len(y_train)
-        steps_per_epoch = max(1, n_data // batch_size)
-    bsz = min(batch_size, n_data) if n_data else 0
-    batch_gens = generators(seed, ids, stream=1)
-    noise_gens = generators(seed, ids, stream=2)
-    buf1 = torch.zeros_like(theta)
-    buf2 = torch.zeros_like(theta)
-    alive = torch.ones(k, dtype=torch.bool, device=dev)  # False: diverged
-    done = torch.zeros(k, dtype=torch.bool, device=dev)  # True: reached the stop criterion, frozen
-    diverged_at = torch.full((k,), -1, dtype=torch.long)
-    epochs_trained = torch.zeros(k, dtype=torch.long)
-    start_epoch, step = 0, 0
-    total_steps = epochs * steps_per_epoch
-    keep = sorted({int(s_) for s_ in (keep_at or [])})
-    check(all(0 <= s_ <= total_steps for s_ in keep), f"keep_at steps must be in 0..{total_steps} (the last step of "
-          f"{epochs} epochs of {steps_per_epoch} steps), got {keep}")
-    kept: dict[int, torch.Tensor] = {}
 
-    ckpt = Path(checkpoint) if checkpoint is not None else None
-    st = _load_checkpoint(ckpt, theta.shape) if ckpt is not None else None
-    if st is not None:
-        theta, buf1, buf2 = st["theta"].to(dev, dt), st["buf1"].to(dev, dt), st["buf2"].to(dev, dt)
-        alive, diverged_at = st["alive"].to(dev).bool(), st["diverged_at"].long()
-        start_epoch, step = int(st["epoch"]), int(st["step"])
-        done = st["done"].to(dev).bool() if "done" in st else done
-        epochs_trained = st["epochs_trained"].long() if "epochs_trained" in st else torch.full((k,), start_epoch)
-        for i, g in enumerate(batch_gens + noise_gens):
-            g.set_state(st[f"rng.{i}"])
-        kept = {int(k_.split(".")[1]): v for k_, v in st.items() if k_.startswith("kept.")}
-    if 0 in keep and step == 0:
-        kept[0] = theta.detach().cpu().clone()
+def _steps_per_epoch(problem: Problem, batch_size: int) -> int:
+    """Mini-batches per epoch (the last partial one is dropped); an energy function takes one full-gradient step."""
+    return max(1, len(problem.data["train"][1]) // batch_size) if problem.has_data else 1
 
-    bar = tqdm(total=total_steps, initial=step, desc=f"train {k} replicas", disable=not progress or None,
-               leave=False, unit="step")
-    theta = theta.clone()
 
-    def freeze(bad: torch.Tensor, alive: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
-        """Flag the ``bad`` replicas diverged at this step, restore their epoch-start state and clear their
-        optimiser buffers so that nothing moves them again; returns the new ``alive`` mask."""
-        if not bad.any():
-            return alive
-        diverged_at[bad.cpu()] = step
-        theta[bad] = safe[bad]
-        buf1[bad] = 0
-        buf2[bad] = 0
-        return alive & ~bad
+def _batches(problem: Problem, gens: list[torch.Generator], batch_size: int, k: int):
+    """One epoch of mini-batches ``(x (K, B, ...), y (K, B))``, replica k in its own order (one permutation of the
+    training set per replica, drawn from ``gens[k]`` when the epoch starts); an energy function has one step without
+    data, ``(None, None)``."""
+    if not problem.has_data:
+        yield None, None
+        return
+    x, y = problem.data["train"]
+    n = len(y)
+    bsz = min(batch_size, n)
+    order = torch.stack([torch.randperm(n, generator=g) for g in gens]).to(problem.device)
+    for s in range(_steps_per_epoch(problem, batch_size)):
+        flat = order[:, s * bsz:(s + 1) * bsz].reshape(-1)
+        yield x.index_select(0, flat).view(k, bsz, -1), y.index_select(0, flat).view(k, bsz)
 
-    for epoch in range(start_epoch, epochs):
-        if not bool((alive & ~done).any()):  # every replica stopped or diverged (also on resume)
-            break
-        safe = theta.clone()  # a diverging replica is restored to its state at the start of the epoch
-        if not is_fn:  # per-replica order of mini-batches (RNG only: one permutation per replica)
-            order = torch.stack([torch.randperm(n_data, generator=g) for g in batch_gens]).to(dev)
-        for s in range(steps_per_epoch):
-            frac = step / max(total_steps - 1, 1)
-            scale = 0.5 * (1 + math.cos(math.pi * frac)) if lr_schedule == "cosine" else 1.0
-            if is_fn:
-                xb = yb = None
-            else:
-                idx = order[:, s * bsz:(s + 1) * bsz]
-                flat = idx.reshape(-1)
-                xb = x_train.index_select(0, flat).view(k, bsz, -1)
-                yb = y_train.index_select(0, flat).view(k, bsz)
-            moving = alive & ~done
-            loss, g = problem.batch_loss_and_grad(theta, xb, yb, moving)
-            alive = freeze(moving & ~torch.isfinite(loss), alive, safe)
-            moving = alive & ~done
-            if method == "sam":
-                eps = rho * g / g.norm(dim=1, keepdim=True).clamp_min(1e-12)
-                _, g = problem.batch_loss_and_grad(theta + eps, xb, yb, moving)
-            all_moving = bool(moving.all())  # the common case: the masks below are the identity, skip their passes
-            if not all_moving:
-                g = torch.where(moving.unsqueeze(1), g, 0)  # NaN rows can leak into a dead replica's gradient
-            if weight_decay and optimizer != "adamw":
-                g = g.add(theta, alpha=weight_decay)
-            if method == "replicated":
-                gam = gamma[0] * (gamma[1] / gamma[0]) ** frac
-                centre = theta[alive].mean(0, keepdim=True) if alive.any() else theta.mean(0, keepdim=True)
-                g = g + gam * (theta - centre)
-            if not all_moving:
-                g = torch.where(moving.unsqueeze(1), g, 0)  # frozen replicas (diverged or stopped) never move
-            lr_t = (lrs * scale).unsqueeze(1)
-            if optimizer == "sgd":
-                torch.add(g, buf1, alpha=momentum, out=buf1)  # v <- momentum v + g, one pass
-                if method == "langevin":  # SGHMC: the noise goes into the velocity (see the docstring)
-                    xi = randn_per(noise_gens, problem.n_params, dev, dt)
-                    amp = torch.where(lr_t > 0, (2 * (1 - momentum) * temperature / lr_t.clamp_min(1e-300)).sqrt(), 0)
-                    buf1.sub_(xi * (amp * moving.unsqueeze(1)))
-                theta.addcmul_(buf1, lr_t, value=-1)
-            else:
-                if optimizer == "adamw" and weight_decay:  # decoupled decay; frozen replicas never move
-                    theta.mul_(1 - lr_t * weight_decay * moving.unsqueeze(1))
-                buf1.mul_(0.9).add_(g, alpha=0.1)
-                buf2.mul_(0.999).addcmul_(g, g, value=0.001)
-                t = step + 1
-                denom = (buf2 / (1 - 0.999**t)).sqrt_().add_(1e-8)
-                theta.addcdiv_(buf1 * (lr_t / (1 - 0.9**t)), denom, value=-1)
-            projected = problem.project(theta)
-            if projected is not theta:
-                theta = torch.where(moving.unsqueeze(1), projected, theta)
-            step += 1
-            if step in keep:
-                kept[step] = theta.detach().cpu().clone()
-            bar.update(1)
-            if s % 20 == 0:
-                bar.set_postfix(loss=f"{loss[moving].mean().item():.4f}" if moving.any() else "all stopped")
-        alive = freeze(alive & ~torch.isfinite(theta).all(1), alive, safe)  # the epoch's last step can overflow
-        epochs_trained[(alive & ~done).cpu()] += 1
-        if stopping:
-            done = _reached(problem, theta, alive & ~done, stop_at_loss, stop_at_accuracy) | done
-            buf1[done] = 0  # irrelevant (a stopped replica's gradient is masked), but keeps the state clean
-            buf2[done] = 0
-        if ckpt is not None:
-            _save_checkpoint(ckpt, {"theta": theta, "buf1": buf1, "buf2": buf2, "alive": alive.to(torch.uint8),
-                                    "diverged_at": diverged_at, "epoch": torch.tensor(epoch + 1),
-                                    "step": torch.tensor(step), "done": done.to(torch.uint8),
-                                    "epochs_trained": epochs_trained,
-                                    **{f"kept.{k_}": v for k_, v in kept.items()}}, batch_gens + noise_gens)
-    bar.close()
-    for s_ in keep:  # steps after every replica stopped: they stay where they are
-        kept.setdefault(s_, theta.detach().cpu().clone())
-    snaps = torch.stack([kept[s_] for s_ in keep]) if keep else None
-    return Replicas(theta.detach(), _table(problem, theta, ids, seed, dict(
-        epochs=epochs, batch_size=batch_size, optimizer=optimizer, method=method, momentum=momentum,
-        weight_decay=weight_decay, stop_at_loss=math.nan if stop_at_loss is None else float(stop_at_loss),
-        stop_at_accuracy=math.nan if stop_at_accuracy is None else float(stop_at_accuracy)),
-        lrs, alive, diverged_at, evaluate, epochs_trained=epochs_trained, reached=(done & alive).cpu()), snaps, keep)
+
+def _step(problem: Problem, rule: optim.Rule, sam, state: TrainState, lr: torch.Tensor, progress: float, xb, yb,
+          safe: torch.Tensor) -> torch.Tensor:
+    """One optimiser step of every moving replica on its mini-batch (a replica whose loss is not finite is frozen
+    first); ``state`` is updated in place. Returns the mini-batch losses."""
+    moving = state.moving
+    loss, g = problem.batch_loss_and_grad(state.theta, xb, yb, moving)
+    state.freeze(moving & ~torch.isfinite(loss), safe)
+    moving = state.moving
+    if sam is not None:
+        g = sam(lambda th: problem.batch_loss_and_grad(th, xb, yb, moving)[1], state.theta, g)
+    ctx = optim.Context(lr=lr, count=state.step, progress=progress, moving=moving, alive=state.alive)
+    if not ctx.all_moving:
+        g = torch.where(moving.unsqueeze(1), g, 0)  # NaN rows can leak into a dead replica's gradient
+    step, state.rules = rule.update(g, state.rules, state.theta, ctx)
+    step.apply(state.theta)
+    projected = problem.project(state.theta)
+    if projected is not state.theta:
+        state.theta = torch.where(moving.unsqueeze(1), projected, state.theta)
+    state.step += 1
+    return loss
+
+
+def _end_epoch(problem: Problem, state: TrainState, safe: torch.Tensor, stop_at_loss: float | None,
+               stop_at_accuracy: float | None) -> None:
+    """After an epoch: freeze replicas whose parameters overflowed on its last step, count the epoch for those still
+    training, and stop those that reached the stop criterion (if any)."""
+    state.freeze(state.alive & ~torch.isfinite(state.theta).all(1), safe)
+    state.epochs_trained[state.moving.cpu()] += 1
+    if stop_at_loss is not None or stop_at_accuracy is not None:
+        state.done = _reached(problem, state.theta, state.moving, stop_at_loss, stop_at_accuracy) | state.done
+        optim.zero_rows(state.rules, state.done)  # irrelevant (a stopped replica's gradient is masked): clean
 
 
 def _reached(problem: Problem, theta: torch.Tensor, active: torch.Tensor, stop_at_loss: float | None,
@@ -336,7 +401,7 @@ def _table(problem, theta, ids, seed, hp, lrs, alive, diverged_at, evaluate=True
            reached=None) -> pd.DataFrame:
     if evaluate:
         tr = problem.evaluate(theta, "train")
-        te = tr if isinstance(problem, FunctionProblem) else problem.evaluate(theta, "test")
+        te = problem.evaluate(theta, "test") if problem.has_data else tr
     nan = torch.full((theta.shape[0],), float("nan"))
     if not evaluate:
         tr = te = {"loss": nan, "accuracy": nan}

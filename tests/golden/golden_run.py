@@ -80,6 +80,7 @@ basin_n_data = 200
 
 #: files whose bytes carry times, versions or paths: compared through the parts that do not
 VOLATILE = {"meta.json", "progress.json", "report.html", ".lossglass/trust", ".lossglass/lock"}
+MANIFEST = ".lossglass/manifest"
 #: time fields of the stage records
 TIMES = {"seconds", "finished", "started"}
 
@@ -145,6 +146,10 @@ def digest(out: Path, claimed: list[str]) -> dict:
         rel = p.relative_to(out).as_posix()
         if p.is_file() and rel not in VOLATILE - {"report.html"}:
             files[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+    # the manifest: its entries (stage, file) in order; what else a line carries (sizes, hashes, signatures made with
+    # this user's key) is checked by the store's own tests
+    manifest = [line.split("\t")[:2] for line in (out / MANIFEST).read_text().splitlines()]
+    files.pop(MANIFEST, None)
     stages = {}
     for p in sorted((out / "stages").glob("*.json")):
         rec = json.loads(p.read_text())
@@ -157,7 +162,7 @@ def digest(out: Path, claimed: list[str]) -> dict:
     for p in sorted((out / "tables").glob("*.parquet")):
         df = pd.read_parquet(p)
         schemas[p.stem] = {"rows": len(df), "columns": {c: str(t) for c, t in df.dtypes.items()}}
-    return {"machine": machine(), "files": files, "stages": stages, "inputs": meta.get("inputs"),
+    return {"machine": machine(), "files": files, "manifest": manifest, "stages": stages, "inputs": meta.get("inputs"),
             "name": meta.get("name"), "claimed": sorted(set(claimed)), "schemas": schemas}
 
 

@@ -1,26 +1,30 @@
 """From run folders to what the dashboard page draws: for each run its overview row, stage progress, status,
 summary, panels (plotly figures from the report's protocol layers) and overlay traces, as JSON. Reads the folders
-only; a damaged or half-written folder becomes a run marked "incomplete", never an error."""
+only, through bounded reads (:mod:`lossglass.store`); each run is collected on its own: a half-written folder or one
+with unreadable files is a run marked "incomplete", a folder that cannot be collected at all (hostile or damaged
+beyond that) is a run marked "damaged" with one line saying why, and neither ever stops the other runs."""
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
 from ..errors import LossglassError, check
-from ..report import connect, curvature, replicas, selection, timeline, train, walk
-from ..report.base import PALETTE, RunView, finite
-from ..store import STAGE_ORDER
+from ..report import selection
+from ..report.base import PALETTE, RunView, finite, layers
+from ..stages import STAGE_ORDER
 
-#: the report's protocol layers, in page order: (section id, heading, layer)
-LAYERS = (("train", "Replicas", train), ("timeline", "The landscape over training time", timeline),
-          ("walk", "Protocol 1 — random walks and Monte Carlo", walk),
-          ("connect", "Protocol 2 — permutations, barriers and connectivity", connect),
-          ("replicas", "Protocol 3 — overlaps, the Parisi tree and ultrametricity", replicas),
-          ("curvature", "Protocol 4 — curvature, flatness and generalisation", curvature))
+#: the report's protocol layers shown on the dashboard, in page order: (section id, heading, layer), from the stages
+LAYERS = tuple((name, heading, module) for name, heading, module, shown in layers() if shown)
+
+
+def _with(function: str) -> list:
+    """Every stage's drawing layer (dashboard or not) that offers ``function``, in run order."""
+    return [module for _, _, module, _ in layers() if hasattr(module, function)]
 
 #: overview columns: key, heading, numeric (sorts as a number)
 COLUMNS = (("name", "run", False), ("status", "status", False), ("model", "model", False), ("data", "data", False),
@@ -48,8 +52,12 @@ _DATA_FILES = ("meta.json", "config.toml", "selection.json", "replicas.safetenso
 
 
 def looks_like_run(p: Path) -> bool:
-    """A folder a study wrote into (even one killed before it finished its first file)."""
-    return p.is_dir() and any((p / f).is_file() for f in ("config.toml", "meta.json", "progress.json"))
+    """A folder a study wrote into (even one killed before it finished its first file); False for one that cannot be
+    inspected."""
+    try:
+        return p.is_dir() and any((p / f).is_file() for f in ("config.toml", "meta.json", "progress.json"))
+    except OSError:
+        return False
 
 
 def discover(paths: list[str | Path], *, allow_empty: bool = False) -> list[Path]:
@@ -65,10 +73,14 @@ def discover(paths: list[str | Path], *, allow_empty: bool = False) -> list[Path
             continue
         root = p.resolve()
         subs = []
-        for c in sorted(p.iterdir()):
+        try:
+            children = sorted(p.iterdir())
+        except OSError as e:
+            raise LossglassError(f"{p}: cannot be listed ({e.strerror})") from None
+        for c in children:
             try:
                 inside = root in c.resolve().parents
-            except OSError:
+            except (OSError, RuntimeError):  # RuntimeError: a loop of symbolic links
                 inside = False
             if inside and looks_like_run(c):
                 subs.append(c)
@@ -108,8 +120,10 @@ def version(path: Path) -> str:
 
 
 def _alive(pid: Any) -> bool:
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:  # 0 and -1 would address process groups
+        return False
     try:
-        os.kill(int(pid), 0)
+        os.kill(pid, 0)
     except (ProcessLookupError, ValueError, TypeError, OverflowError):
         return False
     except PermissionError:
@@ -128,15 +142,16 @@ def progress(view: RunView) -> tuple[list[dict], bool]:
     active = bool(prog and prog.get("active")) and _alive(prog.get("pid"))
     states: dict[str, dict] = {}
     if prog and isinstance(prog.get("stages"), dict):
-        for name, s in prog["stages"].items():
+        for name, s in list(prog["stages"].items())[:100]:
             if isinstance(s, dict):
-                states[str(name)] = {k: s.get(k) for k in ("state", "started", "finished", "seconds")}
+                states[_text(name, 60)] = {"state": _text(s.get("state"), 20) if s.get("state") is not None else None,
+                                           **{k: _number(s.get(k)) for k in ("started", "finished", "seconds")}}
                 if s.get("state") == "running" and not active:
-                    states[str(name)]["state"] = "interrupted"
+                    states[_text(name, 60)]["state"] = "interrupted"
     for name, rec in records.items():
         if name not in states and isinstance(rec, dict):
-            states[name] = {"state": "skipped" if rec.get("skipped") else "done", "seconds": rec.get("seconds"),
-                            "finished": rec.get("finished")}
+            states[name] = {"state": "skipped" if rec.get("skipped") else "done", "seconds": _number(rec.get("seconds")),
+                            "finished": _number(rec.get("finished"))}
     if view.config and not states:  # no plan from a study (an older folder): the stages its config asks for
         for name in STAGE_ORDER:
             if name not in states and name not in ("report",) and view.enabled(name):
@@ -147,7 +162,8 @@ def progress(view: RunView) -> tuple[list[dict], bool]:
 
 
 def status(view: RunView, stages: list[dict], active: bool) -> tuple[str, list[str]]:
-    """``running``, ``complete`` or ``incomplete``, with what is missing or damaged (in words)."""
+    """``running``, ``complete``, ``incomplete`` (stages missing) or ``damaged`` (files that could not be read), with
+    what is missing or damaged (in words)."""
     problems = list(view.missing()) if view.is_run else ["no meta.json or config.toml yet (the study is starting, or "
                                                           "this folder is not a whole run)"]
     for s in stages:
@@ -156,6 +172,8 @@ def status(view: RunView, stages: list[dict], active: bool) -> tuple[str, list[s
     problems += [p for p in view.problems if p not in problems]
     if active:
         return "running", problems
+    if view.damaged:
+        return "damaged", problems
     return ("incomplete" if problems else "complete"), problems
 
 
@@ -176,6 +194,23 @@ def _data(cfg: dict) -> str:
     return f"{name} ({d['n_train']} train)" if name and d.get("n_train") else name
 
 
+def _number(v: Any) -> float | None:
+    """A finite number from a run folder's record, else None (NaN or a string would break the page's JSON)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _text(v: Any, n: int = 200) -> str:
+    """Folder text as a short string (the page escapes it)."""
+    t = str(v)
+    return t if len(t) <= n else t[:n] + "..."
+
+
 def _cell(text: Any, sort: Any = None) -> dict:
     return {"t": "" if text is None else str(text), "v": sort if sort is not None else ("" if text is None else str(text))}
 
@@ -183,18 +218,18 @@ def _cell(text: Any, sort: Any = None) -> dict:
 def overview_row(view: RunView, run_status: str) -> dict[str, dict]:
     """The run's cells of the overview table: display text and sort value (numbers sort as numbers)."""
     o: dict = {}
-    for layer in (train, walk, connect, replicas, curvature, selection):
+    for layer in _with("overview"):
         try:
             o.update(layer.overview(view))
         except Exception as e:  # noqa: BLE001 - one unreadable table leaves its cell empty
             view.problems.append(f"overview from {layer.__name__.rsplit('.', 1)[1]}: {type(e).__name__}: {e}")
 
     def num(key: str, digits: str) -> dict:
-        v = o.get(key)
-        return _cell(format(v, digits), v) if finite(v) else _cell("", None)
+        v = _number(o.get(key))
+        return _cell(format(v, digits), v) if v is not None and finite(v) else _cell("", None)
 
-    row = {"name": _cell(view.name), "status": _cell(run_status), "model": _cell(_model(view.config)),
-           "data": _cell(_data(view.config)), "replicas": _cell(o.get("replicas", ""), o.get("replicas")),
+    row = {"name": _cell(view.name), "status": _cell(run_status), "model": _cell(_text(_model(view.config))),
+           "data": _cell(_text(_data(view.config))), "replicas": _cell(o.get("replicas", ""), _number(o.get("replicas"))),
            "acc_best": num("acc_best", ".2f"), "acc_median": num("acc_median", ".2f"),
            "radius": _cell(o.get("radius_text", ""), o.get("radius")), "barrier_aligned": num("barrier_aligned", ".4g"),
            "verdict": _cell(o.get("verdict", "")), "predictor": _cell(o.get("predictor", ""), o.get("predictor_tau")),
@@ -228,7 +263,7 @@ def _panels(view: RunView, rid: str) -> list[dict]:
 
 def _overlays(view: RunView, rid: str, color: str, name: str) -> dict:
     out: dict = {}
-    for layer in (walk, connect, replicas, curvature):
+    for layer in _with("overlay_traces"):
         try:
             out.update(layer.overlay_traces(view, color, f"{name}: "))
         except Exception as e:  # noqa: BLE001
@@ -258,7 +293,7 @@ def collect_run(path: str | Path, index: int, *, files_url: str | None = None) -
         sections = _panels(view, rid) if view.is_run else []
         overlays = _overlays(view, rid, color, name) if view.is_run else {}
         summary = []
-        for layer in (train, walk, connect, replicas, curvature, selection):
+        for layer in _with("summary"):
             try:
                 summary += [list(r) for r in layer.summary(view)]
             except Exception as e:  # noqa: BLE001
@@ -277,15 +312,35 @@ def collect_run(path: str | Path, index: int, *, files_url: str | None = None) -
         report = None
         if (path / "report.html").is_file():
             report = (f"{files_url}/report.html" if files_url else (path / "report.html").resolve().as_uri())
-        base.update(name=name, status=run_status, problems=problems, stages=stages, active=active, row=row,
-                    summary=summary, sections=sections, overlays=overlays, ship=ship, report=report,
-                    meta={k: str(view.meta.get(k)) for k in ("started", "finished", "seed", "device")
-                          if view.meta.get(k) is not None})
-    except (LossglassError, OSError) as e:
-        base["problems"] = [str(e)]
-        base["row"]["name"] = _cell(path.name)
-        base["row"]["status"] = _cell("incomplete")
+        base.update(name=_text(name), status=run_status, problems=[_text(p, 1000) for p in problems[:50]],
+                    stages=stages, active=active, row=row, summary=summary, sections=sections, overlays=overlays,
+                    ship=ship, report=report, meta={k: _text(view.meta.get(k)) for k in ("started", "finished", "seed",
+                                                                                           "device")
+                                                    if view.meta.get(k) is not None})
+        from plotly.io.json import to_json_plotly
+
+        # what came from the folder's records must serialise (figures come from plotly, which checked them)
+        to_json_plotly({k: v for k, v in base.items() if k not in ("sections", "overlays")})
+    except Exception as e:  # noqa: BLE001 - one run that cannot be collected is marked, the others still load
+        return damaged_run(path, index, e)
     return base
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, LossglassError):
+        return " ".join(str(e).split())[:500]
+    return f"could not be read ({type(e).__name__}: {' '.join(str(e).split())[:300]})"
+
+
+def damaged_run(path: str | Path, index: int, error: BaseException) -> dict:
+    """The page's entry for a run folder that could not be collected: marked "damaged", with one line saying why."""
+    path = Path(path)
+    rid, color = run_id(path), PALETTE[index % len(PALETTE)]
+    row = {k: _cell("") for k, _, _ in COLUMNS}
+    row["name"], row["status"] = _cell(path.name), _cell("damaged")
+    return {"id": rid, "index": index, "color": color, "folder": str(path), "version": version(path),
+            "name": path.name, "status": "damaged", "problems": [f"{path.name}: {_why(error)}"], "stages": [],
+            "active": False, "row": row, "summary": [], "sections": [], "overlays": {}, "ship": None, "report": None}
 
 
 def run_state(path: str | Path) -> dict:
@@ -297,9 +352,9 @@ def run_state(path: str | Path) -> dict:
         stages, active = progress(view)
         run_status, _ = status(view, stages, active)
         return {"id": rid, "version": version(path), "status": run_status, "stages": stages, "active": active}
-    except (LossglassError, OSError) as e:
-        return {"id": rid, "version": version(path), "status": "incomplete", "stages": [], "active": False,
-                "problems": [str(e)]}
+    except Exception as e:  # noqa: BLE001 - one run that cannot be read is marked, the others are still polled
+        return {"id": rid, "version": version(path), "status": "damaged", "stages": [], "active": False,
+                "problems": [f"{path.name}: {_why(e)}"]}
 
 
 def page_data(runs: list[dict], *, live: bool) -> dict:

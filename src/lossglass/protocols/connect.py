@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .._util import as_batch, check_finite, generators, seed_for
 from ..errors import check, choice
-from ..problem import FunctionProblem, Problem
+from ..problem import Problem
 from ..symmetry import align, permute, swap_permutation
 
 
@@ -101,7 +101,7 @@ def _radial(man, basis: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 
 def _eval_both(problem: Problem, center, dirs, coeffs):
     tr = problem.evaluate_affine(center, dirs, coeffs, "train")
-    te = tr if isinstance(problem, FunctionProblem) else problem.evaluate_affine(center, dirs, coeffs, "test")
+    te = problem.evaluate_affine(center, dirs, coeffs, "test") if problem.has_data else tr
     return tr, te
 
 
@@ -147,7 +147,7 @@ def bezier_path(problem: Problem, a: torch.Tensor, b: torch.Tensor, *, steps: in
     mid = problem.project(((a + b) / 2).clone())
     buf = torch.zeros_like(mid)
     g = torch.Generator().manual_seed(seed_for(seed, 41))
-    is_fn = isinstance(problem, FunctionProblem)
+    is_fn = not problem.has_data
     if not is_fn:
         x_all, y_all = problem.data["train"]
     for _ in tqdm(range(steps), desc="bezier", disable=not progress or None, leave=False):

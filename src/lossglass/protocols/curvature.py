@@ -40,10 +40,8 @@ def _prep(problem: Problem, theta) -> tuple[torch.Tensor, bool]:
 def _mask(problem: Problem, layer: str | None) -> torch.Tensor | None:
     if layer is None:
         return None
-    check(layer in problem._info, f"unknown layer {layer!r}; parameters: {', '.join(problem._info)}")
-    m = torch.zeros(problem.n_params, device=problem.device, dtype=problem.dtype)
-    m[problem._info[layer].slice] = 1
-    return m
+    check(layer in problem.layout, f"unknown layer {layer!r}; parameters: {', '.join(problem.layout.names)}")
+    return problem.layout.mask(layer, device=problem.device, dtype=problem.dtype)
 
 
 def _manifold(problem: Problem, what: str, layer: str | None = None):
@@ -51,7 +49,7 @@ def _manifold(problem: Problem, what: str, layer: str | None = None):
     the layer is the whole parameter vector."""
     man = problem.constraint(what)
     if man is not None and layer is not None:
-        check(problem._info[layer].numel == problem.n_params,
+        check(problem.layout[layer].numel == problem.n_params,
               f"{what}: layer= restricts the Hessian to part of the parameters, which is not defined on the "
               f"problem's manifold {man}")
     return man
@@ -609,3 +607,23 @@ def rank_correlations(df: pd.DataFrame, measures=MEASURES, target: str = "gap_er
         rows.append({"measure": m, "target": target, "kendall_tau": float(tau), "ci_low": float(lo),
                      "ci_high": float(hi), "p_value": float(pval), "n": n})
     return pd.DataFrame(rows)
+
+
+def independent_rows(df: pd.DataFrame, *, min_left: int = 3) -> tuple[pd.DataFrame, int]:
+    """The replicas whose rank statistics can be treated as independent draws, and how many were left out.
+
+    Kendall's p-values and bootstrap intervals resample replicas as independent; replicated-SGD replicas
+    (``method == "replicated"``, Baldassi et al. 2016) are coupled to their centre by design, so they are left out
+    when at least ``min_left`` others remain (otherwise every row is kept and the coupling is the reader's to weigh).
+
+    Example::
+
+        >>> import pandas as pd
+        >>> df = pd.DataFrame({"method": ["sgd"] * 3 + ["replicated"] * 2, "lambda_max": [1., 2., 3., 4., 5.]})
+        >>> rows, left_out = independent_rows(df)
+        >>> len(rows), left_out
+        (3, 2)
+    """
+    coupled = df["method"].eq("replicated") if "method" in df else pd.Series(False, index=df.index)
+    indep = df[~coupled] if coupled.any() and (~coupled).sum() >= min_left else df
+    return indep, int(len(df) - len(indep))

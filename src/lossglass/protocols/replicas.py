@@ -17,7 +17,7 @@ from scipy.stats import gaussian_kde, kurtosis, skew
 
 from .._util import seed_for
 from ..errors import check, choice
-from ..problem import FunctionProblem, Problem
+from ..problem import Problem
 from ..symmetry import align as align_fn
 from ..symmetry import hidden_activations
 from ..train import Replicas
@@ -78,10 +78,10 @@ def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "wei
     theta = _theta(replicas).to(problem.device, problem.dtype)
     check(theta.ndim == 2 and theta.shape[0] >= 2, f"need (K, P) replicas with K >= 2, got {tuple(theta.shape)}")
     if kind == "weights":
-        if align and not isinstance(problem, FunctionProblem):
+        if align and problem.has_data:
             theta = aligned_replicas(problem, theta, reference=reference, method=method)
         return _cosine(theta.cpu())
-    check(not isinstance(problem, FunctionProblem), f"{kind} overlaps need a network with data")
+    check(problem.has_data, f"{kind} overlaps need a network with data")
     x = problem.data["test"][0][:n_samples]
     with torch.no_grad():
         if kind == "functions":
@@ -592,3 +592,64 @@ def parisi_matrix(q, order) -> np.ndarray:
     """The overlap matrix with rows and columns in dendrogram leaf order (blocks on the diagonal = states)."""
     q = np.asarray(q)
     return q[np.ix_(order, order)]
+
+
+@dataclass
+class ReplicaAnalysis:
+    """One system's overlaps analysed: the summary ``row`` (P(q) moments, cophenetic correlation, the ultrametricity
+    summary and its sentence), the off-diagonal overlaps ``pq`` (P(q)'s sample) and the tables that draw its tree
+    (``overlaps``, ``linkage``, ``order``, ``triangles``: the first 5,000 triangles' sorted sides)."""
+
+    row: dict
+    pq: np.ndarray
+    tables: dict[str, pd.DataFrame]
+
+
+def analyse_overlaps(q: np.ndarray, *, label: str, system: str | None = None, method: str = "average",
+                     max_triangles: int = 200000, seed: int = 0, alpha: float = 0.01, symmetric: bool = False,
+                     tree: bool = True) -> ReplicaAnalysis:
+    """Overlaps -> distances d = sqrt(2 (1 - q)) (of |q| when ``symmetric``: spin-flip symmetric systems) -> the
+    dendrogram (:func:`hierarchy`) and the calibrated ultrametricity test (:func:`ultrametricity`), P(q) and its
+    moments. ``system`` names the row (default ``label``); ``tree``: also the tables that draw the tree.
+
+    Example::
+
+        >>> import numpy as np
+        >>> x = np.random.default_rng(0).standard_normal((8, 50))
+        >>> x /= np.linalg.norm(x, axis=1, keepdims=True)
+        >>> a = analyse_overlaps(x @ x.T, label="cloud")
+        >>> a.row["replicas"], sorted(a.tables)
+        (8, ['linkage', 'order', 'overlaps', 'triangles'])
+    """
+    d = distances_from_overlaps(q, symmetric=symmetric)
+    h = hierarchy(d, method=method, max_triangles=max_triangles, seed=seed, alpha=alpha, symmetric=symmetric)
+    u = h.ultrametricity
+    pq = overlap_distribution(q)
+    k = q.shape[0]
+    tables = {}
+    if tree:
+        ii, jj = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+        tables = {"overlaps": pd.DataFrame({"a": ii.ravel(), "b": jj.ravel(), "q": q.ravel()}),
+                  "linkage": pd.DataFrame(h.linkage, columns=["left", "right", "height", "size"]),
+                  "order": pd.DataFrame({"leaf": h.order}),
+                  "triangles": pd.DataFrame(u.sides[:5000], columns=["d_min", "d_mid", "d_max"])}
+    row = {"system": system or label, "label": label, "replicas": k, **pq.moments, "cophenetic": h.cophenetic,
+           **u.summary, "sentence": describe_ultrametricity(u.summary)}
+    return ReplicaAnalysis(row, pq.q, tables)
+
+
+def within_basin(problem: Problem, start: torch.Tensor, *, temperature: float, samples: int, sweeps: int,
+                 step_size: float, seed: int = 0, progress: bool = False) -> tuple[np.ndarray, dict]:
+    """Equilibrium samples of exp(-E/T) drawn around one trained solution: ``samples`` independent Metropolis chains
+    started at ``start`` (:func:`lossglass.parallel_tempering` at the one temperature ``temperature``), the second
+    half of each chain sampled. Returns their ``(samples, samples)`` overlap matrix (the P(q) of one basin, to set
+    beside the overlaps of independent solutions) and the sampler's summary: temperature, move acceptance, mean
+    energy after burn-in, whether it equilibrated, and the number of training samples."""
+    from ..sampling import overlap_matrix, parallel_tempering
+
+    res = parallel_tempering(problem, [temperature], n_replicas=samples, sweeps=sweeps, seed=seed, start=start,
+                             step_size=step_size, sample_every=max(1, sweeps - sweeps // 2), progress=progress)
+    info = {"temperature": temperature, "move_acceptance": float(res.move_acceptance[0]),
+            "energy_mean": float(res.energy[res.params["burn_in"]:, 0].mean()),
+            "equilibrated": bool(res.equilibrated), "n_data": len(problem.dataset.y_train)}
+    return overlap_matrix(res, 0), info

@@ -8,17 +8,18 @@ not depend on how many walkers run beside it.
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from .. import checkpoint as ckpt_io
 from .._util import as_batch, check_finite, generators
 from ..errors import check, choice
-from ..problem import FunctionProblem, Problem
+from ..problem import Problem
 from ..train import Replicas
 
 
@@ -55,6 +56,20 @@ class WalkResult:
     def __post_init__(self) -> None:
         if self.nonfinite is None:  # results saved before the count existed
             self.nonfinite = torch.zeros(self.energy.shape[1], dtype=torch.long)
+
+    #: the tensor fields (saved as one safetensors file) and the rest (saved as JSON): :meth:`split`, :meth:`join`
+    TENSORS = ("energy", "accuracy", "distance", "accepted", "test_loss", "test_accuracy", "snapshots", "alive",
+               "start_index", "theta", "nonfinite")
+    RECORD = ("kind", "params", "test_steps", "snapshot_steps")
+
+    def split(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The result as ``(tensors, record)``: contiguous tensors and a JSON-ready dict (see :meth:`join`)."""
+        return ({k: getattr(self, k).contiguous() for k in self.TENSORS}, {k: getattr(self, k) for k in self.RECORD})
+
+    @classmethod
+    def join(cls, tensors: dict[str, torch.Tensor], record: dict) -> WalkResult:
+        """The inverse of :meth:`split` (``nonfinite`` may be absent in results saved before it existed)."""
+        return cls(**{k: tensors.get(k) for k in cls.TENSORS}, **{k: record[k] for k in cls.RECORD})
 
     @property
     def n_walkers(self) -> int:
@@ -124,6 +139,18 @@ def _log_steps(steps: int, n: int = 24) -> list[int]:
 NONFINITE = ("reject", "record", "stop")
 
 
+_pool: ThreadPoolExecutor | None = None
+_pool_size = 0
+
+
+def _executor(n: int) -> ThreadPoolExecutor:
+    """A shared pool of at least ``n`` threads for drawing the walkers' noise in parallel."""
+    global _pool, _pool_size
+    if _pool is None or _pool_size < n:
+        _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="lossglass-pool"), n
+    return _pool
+
+
 def _randn_into(gens: list[torch.Generator], out: torch.Tensor) -> torch.Tensor:
     """Row i of ``out`` ``(W, P)`` <- a standard normal vector from generator i (the same numbers as one
     ``torch.randn(P, generator=gens[i])`` call, so walker i's stream does not depend on W). Written in place: no
@@ -135,8 +162,6 @@ def _randn_into(gens: list[torch.Generator], out: torch.Tensor) -> torch.Tensor:
         for i, g in enumerate(gens):
             torch.randn(out.shape[1], generator=g, out=out[i])
         return out
-    from .._native import _executor
-
     def part(a: int, b: int) -> None:
         for i in range(a, b):
             torch.randn(out.shape[1], generator=gens[i], out=out[i])
@@ -168,31 +193,14 @@ def _load_walk(path, fingerprint: torch.Tensor) -> dict | None:
     """The newest readable walk checkpoint at ``path`` (else ``NAME.prev``) made for this very walk, or None. A
     damaged file is discarded with a warning; one made for another walk (other start, parameters or length) is an
     error: the walk would otherwise silently continue someone else's."""
-    import warnings
-    from pathlib import Path
-
-    from safetensors.torch import load
-
     from ..errors import LossglassError
-    from ..train import _prev
 
-    path = Path(path)
-    for p in (path, _prev(path)):
-        if not p.exists():
-            continue
-        try:
-            st = load(p.read_bytes())
-            fp = st["fingerprint"]
-        except Exception as e:  # noqa: BLE001 - empty, truncated or foreign file
-            warnings.warn(f"discarding walk checkpoint {p}: it is unreadable ({type(e).__name__}); resuming from an "
-                          "earlier state", RuntimeWarning, stacklevel=4)
-            p.unlink()
-            continue
-        if not torch.equal(fp, fingerprint):
-            raise LossglassError(f"walk checkpoint {p} was written by another walk (different start, parameters, seed "
-                                 "or length); remove it or give another checkpoint path")
-        return st
-    return None
+    def accept(st: dict, file) -> None:
+        if not torch.equal(st["fingerprint"], fingerprint):
+            raise LossglassError(f"walk checkpoint {file} was written by another walk (different start, parameters, "
+                                 "seed or length); remove it or give another checkpoint path")
+
+    return ckpt_io.load(path, keys=("fingerprint",), accept=accept, what="walk checkpoint", stacklevel=4)
 
 
 def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: int, record_every: int, kind: str,
@@ -218,7 +226,7 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
     w = theta.shape[0]
     theta0 = theta.clone()
     fp = _fingerprint(kind, theta0, steps, record_every, params, seed) if checkpoint is not None else None
-    has_test = not isinstance(problem, FunctionProblem)
+    has_test = problem.has_data
     ev = problem.evaluate(theta, "train")
     e, acc = ev["loss"], ev["accuracy"]
     energy = torch.empty(steps + 1, w, dtype=torch.float64)
@@ -256,14 +264,11 @@ def _run(problem: Problem, theta: torch.Tensor, start_idx: torch.Tensor, steps: 
         ti, si = int(st["ti"]), int(st["si"])
         test_loss[:ti], test_acc[:ti] = st["test_loss"], st["test_acc"]
         snaps[:si] = st["snapshots"]
-        for i, g in enumerate(gens):
-            g.set_state(st[f"rng.{i}"])
+        ckpt_io.restore_generators(st, gens)
         t_start = t_done + 1
 
     def save(t: int) -> None:
-        from ..train import _save_checkpoint
-
-        _save_checkpoint(Path(checkpoint), {
+        ckpt_io.save(checkpoint, {
             "fingerprint": fp, "t": torch.tensor(t), "theta": theta, "e": state["e"], "acc": state["acc"],
             "alive": alive.to(torch.uint8), "nonfinite": nonfinite, "energy": energy[:t + 1],
             "accuracy": accuracy[:t + 1], "distance": distance[:t + 1], "accepted": accepted[:t + 1].to(torch.uint8),

@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from ..errors import LossglassError  # noqa: E402
+from ..stages import REGISTRY, STAGE_ORDER, stage  # noqa: E402
 from ..store import RunStore  # noqa: E402
 
 # Okabe-Ito: colour-blind-safe
@@ -30,18 +31,6 @@ PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F
 STYLE = {"figure.dpi": 110, "savefig.dpi": 110, "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
          "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
          "axes.prop_cycle": matplotlib.cycler(color=PALETTE), "svg.hashsalt": "lossglass", "image.cmap": "viridis"}
-#: the tables each stage writes (what "missing" lists when a stage has not finished)
-EXPECTED = {
-    "train": ["replicas"],
-    "walk": ["walk_summary", "walk_msd", "walk_aging", "walk_energy_distance", "walk"],
-    "connect": ["perm_barriers", "pair_barriers", "paths", "plane_random", "plane_through"],
-    "replicas": ["replica_summary", "pq"],
-    "curvature": ["flatness", "kendall", "spectral_density"],
-}
-#: stages enabled when a config does not say (the config's own defaults)
-DEFAULT_ENABLED = {"walk": True, "connect": True, "replicas": True, "curvature": True, "select": True,
-                   "reference": False}
-
 esc = html.escape
 
 
@@ -71,13 +60,16 @@ def finite(x: Any) -> bool:
 
 class RunView:
     """A read-only view of one run folder for drawing: each table and JSON record is read once (bytes read once,
-    parsed from memory) and kept; a damaged or unreadable file is noted in :attr:`problems` and read as absent, so
-    one bad file never breaks a page. Nothing is written."""
+    bounded in size and nesting by :mod:`lossglass.store`, parsed from memory) and kept; a damaged, oversized or
+    unreadable file is noted in :attr:`problems` and read as absent, so one bad file never breaks a page. Nothing is
+    written, and the folder's writer lock is never taken."""
 
     def __init__(self, run: RunStore | str | Path):
         self.store = run if isinstance(run, RunStore) else RunStore(run, create=False)
         self.path = self.store.path
         self.problems: list[str] = []
+        #: the files that could not be read (damaged, oversized, not plain files), in words: a subset of problems
+        self.damaged: list[str] = []
         self._tables: dict[str, pd.DataFrame | None] = {}
         self._json: dict[str, Any] = {}
         self._config: dict | None = None
@@ -86,8 +78,11 @@ class RunView:
         return f"RunView({str(self.path)!r})"
 
     def _note(self, what: str) -> None:
+        """Note a file that could not be read."""
         if what not in self.problems:
             self.problems.append(what)
+        if what not in self.damaged:
+            self.damaged.append(what)
 
     def table(self, name: str) -> pd.DataFrame | None:
         """The table ``name`` (None when absent or damaged; a damaged one is noted in ``problems``)."""
@@ -106,7 +101,7 @@ class RunView:
         if name not in self._json:
             try:
                 self._json[name] = self.store.read_json(name)
-            except LossglassError as e:
+            except (LossglassError, OSError) as e:
                 self._note(str(e))
                 self._json[name] = None
         v = self._json[name]
@@ -133,33 +128,31 @@ class RunView:
                 try:
                     self._config = parse_toml(self.store.read_bytes("config.toml").decode("utf-8", "replace"),
                                               "config.toml")
-                except LossglassError as e:
+                except (LossglassError, OSError) as e:
                     self._note(f"config.toml could not be read ({e})")
         return self._config
 
     def config_text(self) -> str:
         try:
             return self.store.read_bytes("config.toml").decode("utf-8", "replace")
-        except LossglassError:
+        except (LossglassError, OSError):
             return "(no config)"
 
     @property
     def name(self) -> str:
+        """The run's name (meta.json's, at most 200 characters; else the folder's)."""
         n = self.meta.get("name")
-        return str(n) if n else self.path.name
+        return (str(n) if len(str(n)) <= 200 else str(n)[:200] + "...") if n else self.path.name
 
-    def enabled(self, stage: str) -> bool:
-        """Whether the config asks for ``stage`` (the config's default when it does not say)."""
-        sec = self.config.get(stage)
-        if isinstance(sec, dict) and "enabled" in sec:
-            return bool(sec["enabled"])
-        return DEFAULT_ENABLED.get(stage, True)
+    def enabled(self, name: str) -> bool:
+        """Whether a run of the folder's config includes stage ``name`` (the config's defaults where it does not say)."""
+        return stage(name).wanted_raw(self.config)
 
     def stages(self) -> dict[str, dict]:
         """Completion records in run order ({} and a note when one is damaged)."""
         try:
-            return self.store.stages()
-        except LossglassError as e:
+            return self.store.stages(STAGE_ORDER)
+        except (LossglassError, OSError) as e:
             self._note(str(e))
             return {}
 
@@ -185,13 +178,13 @@ class RunView:
         if not self.config:
             out.append("config.toml could not be read")
         stages = self.stages()
-        for stage, tables in EXPECTED.items():
-            if stage == "train" or (self.config and not self.enabled(stage)):
+        for st in REGISTRY:
+            if st.name == "train" or not st.tables or (self.config and not self.enabled(st.name)):
                 continue
-            if stage not in stages:
-                out.append(f"stage {stage} not finished (tables: {', '.join(tables)})")
-            elif isinstance(stages[stage], dict) and stages[stage].get("skipped"):
-                out.append(f"stage {stage} skipped: {stages[stage]['skipped']}")
+            if st.name not in stages:
+                out.append(f"stage {st.name} not finished (tables: {', '.join(st.tables)})")
+            elif st.skip_is_missing and isinstance(stages[st.name], dict) and stages[st.name].get("skipped"):
+                out.append(f"stage {st.name} skipped: {stages[st.name]['skipped']}")
         return out
 
 
@@ -254,6 +247,15 @@ class Page:
 
     def add_summary(self, what: str, value: str, meaning: str) -> None:
         self.summary.append((what, value, meaning))
+
+
+def layers() -> list[tuple[str, str, Any, bool]]:
+    """The drawing layers of the stages in run order: ``(layer name, heading, module, on the dashboard)`` for each
+    stage that declares one (:attr:`lossglass.stages.base.Stage.report`: a module of this package and a heading)."""
+    import importlib
+
+    return [(st.report[0], st.report[1], importlib.import_module(f"{__package__}.{st.report[0]}"), st.dashboard)
+            for st in REGISTRY if st.report]
 
 
 def integer_ticks(ax) -> None:

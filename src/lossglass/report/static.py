@@ -15,12 +15,13 @@ import time
 import matplotlib
 
 from ..store import RunStore
-from . import connect, curvature, replicas, selection, timeline, train, walk
-from .base import STYLE, Page, RunView, esc, fmt
+from .base import STYLE, Page, RunView, esc, fmt, layers
 
-#: the sections in report order, each a ``section(page)`` of one layer
-SECTIONS = (("train", train.section), ("timeline", timeline.section), ("walk", walk.section), ("connect", connect.section),
-            ("replicas", replicas.section), ("curvature", curvature.section), ("selection", selection.section))
+
+def sections() -> list[tuple[str, object]]:
+    """The report's sections in run order: ``(layer name, section(page))`` of each stage that declares a report layer
+    (:attr:`lossglass.stages.base.Stage.report`)."""
+    return [(name, module.section) for name, _, module, _ in layers()]
 
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;max-width:1100px;margin:2em auto;
 padding:0 1em;color:#222;line-height:1.45}h1{font-size:1.6em}h2{border-bottom:1px solid #ddd;padding-bottom:.2em;
@@ -49,7 +50,7 @@ def build_report(store: RunStore | str, *, timestamp: str | None = None) -> str:
     with matplotlib.rc_context(STYLE):
         page = Page(view)
         page.missing += view.missing()
-        for name, section in SECTIONS:
+        for name, section in sections():
             try:
                 section(page)
             except Exception as e:  # noqa: BLE001 - one broken section must not lose the rest of the report
