@@ -261,8 +261,8 @@ class SelectConfig(_Section):
                       "strategies (lower = flatter; local_entropy: higher = flatter). Average sharpness is the "
                       "closest of ours to the best generalisation predictors of Jiang et al. 2020.")
     n_resamples: PositiveInt = _f(2000, "Sub-pools drawn to estimate each strategy's expected test accuracy.")
-    pool: PositiveInt | None = _f(None, "Size of each random sub-pool a strategy picks its model from (default: half the replicas, at least 3); "
-                                         "the expected test accuracy of the pick is averaged over the sub-pools.")
+    pool: PositiveInt | None = _f(None, "Size of each random sub-pool a strategy picks its model from (default: half "
+                                        "the replicas, at least 3); the pick's test accuracy is averaged over sub-pools.")
 
 
 class ReferenceConfig(_Section):
