@@ -43,7 +43,7 @@ _SUMMARY = {
     "K_mean": "mean Katzgraber-Hartmann index K = (d_max - d_mid)/sigma(d) over triangles (0: ultrametric)",
     "K_mean_se": "jackknife (leave-one-point-out) standard error of K_mean", "K_median": "median K over triangles",
     "subdominant_distance": "|d - d_sub| / |d| with d_sub the subdominant ultrametric (single linkage)",
-    "null": "name of the null model (same norms, spread, dimension and anisotropy, no hierarchy)",
+    "null": "name of the null model (same overlap law, norms and Gram spectrum, replicas mixed: no clusters)",
     "D_eff": "participation ratio of the null's spectrum (its effective dimension)",
     "null_exponent": "power-law exponent of the null's spectrum", "null_dimensions": "dimensions of the null",
     "null_K_mean": "mean K of the null draws", "null_K_std": "standard deviation of K over the null draws",
@@ -54,8 +54,20 @@ _SUMMARY = {
     "cv": "coefficient of variation of the distances (spread / mean)",
     "trivial": "distances nearly equal (cv below 0.05): trivially ultrametric",
     "symmetric": "distances from |q| (spin-flip symmetric systems)",
-    "verdict": "'hierarchical' (p < alpha), 'no evidence of hierarchy', or 'trivial'",
+    "verdict": "'nested' (clusters within clusters, p < alpha at two or more levels), 'clusters' (one level), "
+               "'no evidence', 'trivial' (nearly equal distances) or 'cannot tell' (no calibrated null)",
     "sentence": "the verdict in words, chosen from the numbers",
+    "norms": "how the null reads the distances: 'unit' (chords of normalised overlaps), 'fitted' (general distances, "
+             "both a fitted origin and the centroid tried) or 'folded |q|'",
+    "levels": "nested levels of clusters found (1: one level, as one-step RSB; 2 or more: clusters within clusters, "
+              "as a Parisi tree; 0: none)",
+    "levels_complete": "False when the level below the last one found could not be tested (clusters too small): "
+                       "levels is then a lower bound",
+    "top_clusters": "number of top-level clusters", "within_p": "Fisher-combined p-value of structure within the "
+    "top-level clusters (the level-2 test; NaN when not tested)",
+    "level_p_values": "p-value of each level's test, top level first ('p1, p2, ...')",
+    "verdict_reason": "why the verdict is what it is (for 'cannot tell': why no calibrated null exists)",
+    "duplicates": "replicas that coincide with another (d = 0: the same state sampled twice), counted once",
     "temperature": "temperature of the samples (units of the energy: loss for networks, H for SK)",
     "move_acceptance": "fraction of accepted Metropolis moves", "energy_mean": "mean energy of the samples or minima",
     "equilibrated": "the sampler's equilibration checks passed (energy and q halves agree, R_hat < 1.1, P(q) "

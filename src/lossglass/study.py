@@ -626,16 +626,16 @@ class Study:
                            equilibrated=bool(res.equilibrated), n_data=len(prob.dataset.y_train))
 
     def _replica_analysis(self, label: str, q: np.ndarray, summary: list, pq_rows: list, *, symmetric: bool = False,
-                          system: str | None = None, tree: bool = True) -> dict:
+                          system: str | None = None, tree: bool = True, kind: str = "states") -> dict:
         """Overlaps -> distances -> tree and calibrated ultrametricity; one summary row (``system`` names it; the
         tables are saved under the file-safe ``label``). ``symmetric``: spin-flip symmetric systems (distances
-        from |q|)."""
+        from |q|); ``kind``: what the states are, for the sentence (protocols.replicas.STATE_KINDS)."""
         from .protocols import replicas as R
 
         c = self.cfg.replicas
         d = R.distances_from_overlaps(q, symmetric=symmetric)
         h = R.hierarchy(d, method=c.method, max_triangles=c.max_triangles, seed=self.cfg.seed, alpha=c.alpha,
-                        symmetric=symmetric)
+                        symmetric=symmetric, norms="unit")
         u = h.ultrametricity
         pq = R.overlap_distribution(q)
         k = q.shape[0]
@@ -650,7 +650,7 @@ class Study:
         if pq_rows is not None:
             pq_rows.append(pd.DataFrame({"label": system or label, "q": pq.q}))
         row = {"system": system or label, "label": label, "replicas": k, **pq.moments, "cophenetic": h.cophenetic,
-               **u.summary, "sentence": R.describe_ultrametricity(u.summary)}
+               **u.summary, "sentence": R.describe_ultrametricity(u.summary, kind=kind)}
         summary.append(row)
         return row
 
@@ -733,7 +733,7 @@ class Study:
         distinct = q[np.ix_(keep, keep)]
         if len(keep) >= 4:
             row = self._replica_analysis(f"pspin{c.p}", distinct, summary, pq_rows, symmetric=c.p % 2 == 0,
-                                         system=f"{c.p}-spin descent minima (threshold states)")
+                                         system=f"{c.p}-spin descent minima (threshold states)", kind="threshold")
             row.update(energy_mean=float(e.mean()), energy_min=float(e.min()), n_spins=c.n_spins,
                        descent_runs=len(q), distinct_minima=len(keep))
         # convex control: one basin, replicas = thermal samples of a quadratic well (replica symmetric)
@@ -747,7 +747,7 @@ class Study:
                           n_walkers=c.replicas, seed=self.cfg.seed, progress=False)
         x = samp.theta.double() + centre
         row = self._replica_analysis("convex-control", _cosine_np(x.numpy()), summary, pq_rows,
-                                     system="convex control (one well)")
+                                     system="convex control (one well)", kind="control")
         row["energy_mean"] = float(quad.energy(samp.theta).mean())
         self.store.write_table("reference_summary", pd.DataFrame(summary))
         self.store.write_table("reference_pq", pd.concat(pq_rows, ignore_index=True))
@@ -759,10 +759,9 @@ class Study:
         equilibration, energy and the tree of the replicas at ``sk_temperature``; P(q) pooled over the samples (the
         disorder average, what the Parisi solution describes) at that temperature and at the top of the ladder;
         the per-sample ultrametricity p-values combined by Fisher's method."""
-        from scipy.stats import chi2
-
         from ._util import seed_for
         from .models import sk
+        from .protocols import replicas as R
         from .sampling import overlap_matrix, overlap_samples, parallel_tempering
 
         c = self.cfg.reference
@@ -786,7 +785,8 @@ class Study:
             for idx in (lo, hi):
                 pooled.setdefault(idx, []).append(overlap_samples(res, idx).ravel())
             row = self._replica_analysis(f"sk-{j}", overlap_matrix(res, lo), summary, None, symmetric=True,
-                                         system=f"SK sample {j} (T = {t_low:g}, equilibrium)", tree=j == 0)
+                                         system=f"SK sample {j} (T = {t_low:g}, equilibrium)", tree=j == 0,
+                                         kind="equilibrium")
             qs = pooled[lo][-1]
             row.update(temperature=t_low, energy_mean=float(tab["E_mean"][lo]), disorder=j,
                        abs_q_mean=float(np.abs(qs).mean()), frac_abs_q_below_0_3=float(np.mean(np.abs(qs) < 0.3)),
@@ -797,10 +797,7 @@ class Study:
             q = np.concatenate(pooled[idx])
             pq_rows.append(pd.DataFrame({"label": f"SK T = {t:g} ({len(per)} disorder samples)", "q": q}))
         self.store.write_table("reference_sk_ladder", pd.concat(ladder, ignore_index=True))
-        p = np.array([r["p_value"] for r in per])
-        fisher = float(chi2.sf(-2 * np.log(p).sum(), 2 * len(p)))
-        alpha = self.cfg.replicas.alpha
-        verdict = "hierarchical" if fisher < alpha else "no evidence of hierarchy"
+        comb = R.combine_samples(per, self.cfg.replicas.alpha, name="disorder samples")
         q_lo = np.concatenate(pooled[lo])
         summary.append({"system": f"SK all samples (T = {t_low:g})", "label": "sk-all", "replicas": c.sk_replicas,
                         "q_mean": float(q_lo.mean()), "q_var": float(q_lo.var()),
@@ -808,14 +805,9 @@ class Study:
                         "frac_abs_q_below_0_3": float(np.mean(np.abs(q_lo) < 0.3)),
                         "K_mean": float(np.mean([r["K_mean"] for r in per])),
                         "null_K_mean": float(np.mean([r["null_K_mean"] for r in per])),
-                        "z": float(np.sum([r["z"] for r in per]) / np.sqrt(len(per))), "p_value": fisher,
-                        "alpha": alpha, "verdict": verdict, "temperature": t_low,
-                        "energy_mean": float(np.mean([r["energy_mean"] for r in per])),
-                        "sentence": (f"Fisher's combination of the {len(per)} disorder samples' p-values gives p = "
-                                     f"{fisher:.2g} at alpha = {alpha:g}: "
-                                     + ("the equilibrium states are hierarchically organised (a Parisi tree)."
-                                        if verdict == "hierarchical" else "no evidence of hierarchy."))})
-        return {"sk_verdict": verdict, "sk_p_value": fisher}
+                        "alpha": self.cfg.replicas.alpha, "temperature": t_low,
+                        "energy_mean": float(np.mean([r["energy_mean"] for r in per])), **comb})
+        return {"sk_verdict": comb["verdict"], "sk_p_value": comb["p_value"]}
 
     def stage_report(self) -> dict:
         from .report import build_report
