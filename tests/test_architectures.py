@@ -181,7 +181,7 @@ def test_snapshots_at_chosen_steps_are_the_replicas_at_those_steps(tf64):
 
 
 def test_grokking_preset_at_tiny_size_keeps_snapshots_and_measures_the_timeline(tmp_path):
-    from lossglass.stages.timeline import TIMELINE_COLUMNS
+    from lossglass.protocols.timeline import TIMELINE_COLUMNS
     from lossglass.stages.train import keep_steps
 
     overrides = ["data.p=7", "model.d_model=8", "model.n_heads=2", "train.epochs=6", "train.batch_size=8",

@@ -10,15 +10,15 @@ from lossglass.protocols import replicas as R
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _tree_points(seed=0, dim=60):
-    """Three levels of nested Gaussian clusters with shrinking radii: 3 x 3 x 4 = 36 points."""
+def _tree_points(seed=0, dim=60, leaf=4):
+    """Three levels of nested Gaussian clusters with shrinking radii: 3 x 3 x ``leaf`` points."""
     rng = np.random.default_rng(seed)
     pts, labels = [], []
     for a in range(3):
         ca = rng.normal(0, 10, dim)
         for b in range(3):
             cb = ca + rng.normal(0, 2, dim)
-            for _ in range(4):
+            for _ in range(leaf):
                 pts.append(cb + rng.normal(0, 0.2, dim))
                 labels.append((a, b))
     return np.array(pts), labels
@@ -46,17 +46,26 @@ def test_hand_built_tree_is_ultrametric_and_recovered():
     u = R.ultrametricity(d, n_null=100, seed=0)
     s = u.summary
     assert h.ultrametricity.summary["K_mean"] == pytest.approx(s["K_mean"])
-    assert s["K_mean"] < 0.1 and s["K_mean"] < s["null_K_mean"] - 0.2
-    assert s["z"] < -3 and s["p_value"] < s["alpha"] and s["verdict"] == "hierarchical" and not s["trivial"]
+    assert s["K_mean"] < 0.1 and s["K_mean"] < s["null_K_mean"] - 0.1
+    assert s["z"] < -3 and s["p_value"] < s["alpha"] and s["verdict"] == "clusters" and not s["trivial"]
     assert s["subdominant_distance"] < 0.1 and 0 < s["K_mean_se"] < 0.05
+    # general (Euclidean) distances are tested from K = 16 on: the 9 leaf clusters of 4 (the largest gap) can neither
+    # be tested inside nor climbed to their 3 groups, so the verdict is a lower bound and says so
+    assert s["norms"] == "fitted" and s["top_clusters"] == 9 and s["levels"] == 1 and not s["levels_complete"]
+    assert R.verdict_label(s) == "clusters (at least one level)"
+    assert "could not be tested" in R.describe_ultrametricity(s)
+    # the same tree on the unit sphere (its points normalised) is tested all the way: two levels
+    t = R.ultrametricity(R.distances_from_overlaps(_normalise(x) @ _normalise(x).T), seed=0)
+    assert t.summary["verdict"] == "nested" and t.summary["levels"] == 2 and t.summary["top_clusters"] == 3
+    assert list(t.levels["level"]) == [1, 2] and (t.levels["p_value"] < s["alpha"]).all()
 
 
 def test_uniform_square_is_not_ultrametric():
     x = np.random.default_rng(1).uniform(0, 1, (40, 2))
     u = R.ultrametricity(_dist(x), n_null=100, seed=0)
     assert u.summary["K_mean"] > 0.25
-    assert abs(u.summary["z"]) < 3 and u.summary["verdict"] == "no evidence of hierarchy"
-    assert 1 <= u.summary["D_eff"] < 4  # a planar cloud is seen as low-dimensional
+    assert abs(u.summary["z"]) < 3 and u.summary["verdict"] == "no evidence"
+    assert u.summary["norms"] == "fitted" and 1 <= u.summary["D_eff"] < 4  # a planar cloud is low-dimensional
     assert lg.hierarchy(_dist(x), n_null=100).cophenetic < 0.9
 
 
@@ -205,14 +214,16 @@ def _calibration_draws(make):
 
 
 def _assert_calibrated(zs, verdicts):
-    # z of a calibrated null is ~ N(0, 1): |z| < 2 in 95.4% of draws, so with ~37 draws allow 3 misses; the mean
-    # and spread of z test the calibration more sharply than the tail count. At alpha = 0.01 a calibrated verdict
-    # is wrong in 1% of structureless sets (measured with n_null = 200: 26 of 2410 sets of unit vectors, unequal-
-    # norm clouds, anisotropic and folded directions, K = 16..128), so "never" cannot be asked of 37 draws
-    # (P = 0.69): at most one.
-    assert (np.abs(zs) < 2).mean() >= 0.9, zs
-    assert abs(zs.mean()) < 0.5 and 0.6 < zs.std() < 1.4, (zs.mean(), zs.std())
-    assert verdicts.count("hierarchical") <= 1, verdicts
+    # z of a calibrated null is ~ N(0, 1): |z| >= 2 in 4.55% of draws, so allow the misses a binomial count exceeds
+    # with probability 0.001; the mean and spread of z test the calibration more sharply than the tail count (a
+    # spread below 1 is conservative: the null's K varies more than the data's, 0.5-0.6 on power-law spectra). At
+    # alpha = 0.01 a calibrated verdict is wrong in 1% of structureless sets (benchmarks/calibrate_ultrametric.py),
+    # so "never" cannot be asked of ~37 draws (P = 0.69): at most one.
+    from scipy.stats import binom
+
+    assert (np.abs(zs) >= 2).sum() <= binom.ppf(0.999, len(zs), 0.0455), zs
+    assert abs(zs.mean()) < 0.5 and 0.45 < zs.std() < 1.4, (zs.mean(), zs.std())
+    assert sum(v in ("clusters", "nested") for v in verdicts) <= 1, verdicts
 
 
 def test_null_is_calibrated_on_random_unit_vectors():
@@ -247,15 +258,16 @@ def test_null_is_calibrated_on_anisotropic_directions():
         s = R.ultrametricity(_dist(_anisotropic(rng, 24, 300, seed)), n_null=100, seed=seed).summary
         zs.append(s["z"])
         verdicts.append(s["verdict"])
-        assert s["null_exponent"] > 0.3 or seed % 3 == 2  # the null picks up the anisotropy
+        assert s["norms"] == "unit" and s["D_eff"] < 24  # on the sphere, and anisotropic
     _assert_calibrated(np.array(zs), verdicts)
 
 
 def test_folded_overlaps_need_the_folded_null():
     """Distances from |q| (Ising states identified with their flips) of random +-1 states: the folding piles the
-    distances up at sqrt(2), so an unfolded null calls them hierarchical; the folded null does not."""
+    distances up at sqrt(2). The folded null (overlaps unfolded as Gaussian cosines) is calibrated on them; an
+    unfolded null, mixing |q| as if it were a Gram matrix, is far too conservative (z ~ +4: no power)."""
     zs, verdicts, plain = [], [], []
-    for seed in range(20):
+    for seed in range(30):
         s = np.where(np.random.default_rng([9, seed]).random((24, 64)) < 0.5, -1.0, 1.0)
         d = R.distances_from_overlaps(s @ s.T / 64, symmetric=True)
         u = R.ultrametricity(d, symmetric=True, n_null=100, seed=seed).summary
@@ -264,20 +276,28 @@ def test_folded_overlaps_need_the_folded_null():
         if seed < 3:
             plain.append(R.ultrametricity(d, n_null=100, seed=seed).summary["z"])
     _assert_calibrated(np.array(zs), verdicts)
-    assert max(plain) < -4
+    assert min(plain) > 2
     with pytest.raises(lg.LossglassError, match="symmetric=True expects"):
         R.ultrametricity(2 * d, symmetric=True)
 
 
 def test_hierarchical_sets_on_the_sphere_are_detected():
+    nested = 0
     for seed in range(3):
         x = _sphere_tree(np.random.default_rng(seed))
         assert np.allclose(np.linalg.norm(x, axis=1), 1)
         s = R.ultrametricity(_dist(x), seed=seed).summary
-        assert s["z"] < -3 and s["verdict"] == "hierarchical" and s["p_value"] < 0.01, s
-        assert s["K_mean"] < 0.15 and s["null_K_mean"] > 0.4 and s["D_eff"] < 10
+        assert s["z"] < -3 and s["verdict"] in ("clusters", "nested") and s["p_value"] < 0.01, s
+        assert s["K_mean"] < 0.15 and s["null_K_mean"] > s["K_mean"] + 0.15 and s["D_eff"] < 10 and s["norms"] == "unit"
         text = R.describe_ultrametricity(s)
-        assert "hierarchically organised" in text and "lies below its null" in text and f"{s['z']:+.1f}" in text
+        assert "lies below its null" in text and f"{s['z']:+.1f}" in text and "one-step" not in text
+        if s["verdict"] == "nested":
+            nested += 1
+            assert s["levels"] == 2 and s["top_clusters"] == 3 and "clusters within clusters" in text
+            assert "as a Parisi tree" in text
+        else:  # the 9 leaf clusters of 4 points were found but their 9 centroids did not test as grouped
+            assert not s["levels_complete"] and "could not be tested" in text and "Parisi" not in text
+    assert nested >= 2  # seed 2: the climb from 9 to 3 clusters has p = 0.035 (9 points carry little power)
 
 
 def test_distances_from_overlaps_and_spin_flip_symmetry():
@@ -293,11 +313,13 @@ def test_distances_from_overlaps_and_spin_flip_symmetry():
 def test_describe_no_evidence_and_bad_arguments():
     d = _dist(_unit_vectors(np.random.default_rng(5), 20, 30))
     s = R.ultrametricity(d, n_null=100).summary
-    assert s["verdict"] == "no evidence of hierarchy"
+    assert s["verdict"] == "no evidence" and s["levels"] == 0 and R.verdict_label(s) == "no evidence"
     assert set(s) >= {"points", "triangles", "K_mean", "K_mean_se", "K_median", "subdominant_distance", "null_K_mean",
-                      "null_K_std", "z", "p_value", "alpha", "n_null", "null", "cv", "trivial", "verdict"}
+                      "null_K_std", "z", "p_value", "alpha", "n_null", "null", "cv", "trivial", "verdict", "levels",
+                      "levels_complete", "top_clusters", "within_p", "level_p_values", "verdict_reason", "norms"}
     assert s["z"] == pytest.approx((s["K_mean"] - s["null_K_mean"]) / s["null_K_std"])
-    assert "no evidence of hierarchy" in R.describe_ultrametricity(s)
+    text = R.describe_ultrametricity(s)
+    assert "no evidence of clusters or a tree" in text and "RSB" not in text and "Parisi" not in text
     with pytest.raises(lg.LossglassError, match="cannot give p < alpha"):
         R.ultrametricity(d, n_null=50, alpha=0.01)
     with pytest.raises(lg.LossglassError, match="alpha must be in"):
@@ -307,4 +329,176 @@ def test_describe_no_evidence_and_bad_arguments():
     with pytest.raises(lg.LossglassError, match="missing"):
         R.describe_ultrametricity({"K_mean": 0.1})
     again = R.ultrametricity(d, n_null=100).summary  # seeded: identical
-    assert again == s
+    assert repr(again) == repr(s)  # NaN-safe: the same bytes
+
+
+# ---------------------------------------------------------------------------- issue 22: hard structureless sets, levels
+def _cp_upper(k, n):
+    from scipy.stats import beta
+
+    return 1.0 if k == n else float(beta.ppf(0.975, k + 1, n - k))
+
+
+def _cosine_dist(x):
+    return R.distances_from_overlaps(np.clip(_normalise(x) @ _normalise(x).T, -1, 1))
+
+
+_HARD = {  # name -> distances(rng, K): the families that fooled the moment-matched null (issue 22)
+    "Student-t(2) cosine": lambda rng, k: _cosine_dist(rng.standard_t(2, (k, 100))),
+    "Cauchy cosine": lambda rng, k: _cosine_dist(rng.standard_cauchy((k, 100))),
+    "Cauchy Euclidean": lambda rng, k: _dist(rng.standard_cauchy((k, 100))),
+    "lognormal norms 1": lambda rng, k: _dist(np.exp(rng.normal(0, 1.0, k))[:, None] * rng.normal(size=(k, 100))),
+    "lognormal norms 1.5": lambda rng, k: _dist(np.exp(rng.normal(0, 1.5, k))[:, None] * rng.normal(size=(k, 100))),
+    "great circle": lambda rng, k: _cosine_dist(np.stack([np.cos(th := rng.uniform(0, 2 * np.pi, k)), np.sin(th)], 1)
+                                                @ np.linalg.qr(rng.normal(size=(50, 2)))[0].T),
+}
+
+
+@pytest.mark.parametrize("name", list(_HARD))
+def test_hard_structureless_families_are_not_called_clusters(name):
+    """40 sets of K = 16 per family at alpha = 0.01 (the full calibration, >= 200 trials at K = 16, 32, 64, is
+    benchmarks/calibrate_ultrametric.py). The moment-matched null of the previous round called 15-95 % of these
+    hierarchical (Cauchy cosine 70-95 %, lognormal 20-50 %): more than 3 of 40 fails this test (P = 0.008 for a
+    calibrated 1 % test), and so would any of those rates."""
+    hits, zs = 0, []
+    for t in range(40):
+        s = R.ultrametricity(_HARD[name](np.random.default_rng([22, t]), 16), n_null=100, seed=t, levels=False).summary
+        hits += s["verdict"] in ("clusters", "nested")
+        zs.append(s["z"])
+    assert hits <= 3, f"{name}: {hits}/40 false positives (95 % CI upper {_cp_upper(hits, 40):.2f})"
+    assert np.nanmean(zs) > -0.5, np.nanmean(zs)
+
+
+def _tree(rng, shape, leaf, noise, dim=200, ratio=0.5):
+    """Unit vectors in nested clusters: branching ``shape`` per level, ``leaf`` points per finest cluster, noise
+    relative to the finest level's spread (as benchmarks/calibrate_ultrametric.nested_tree)."""
+    x, spread = np.zeros((1, dim)), 1.0
+    for b in shape:
+        x = (x[:, None, :] + rng.normal(size=(x.shape[0], b, dim)) * spread / np.sqrt(dim)).reshape(-1, dim)
+        spread *= ratio
+    x = (x[:, None, :] + rng.normal(size=(x.shape[0], leaf, dim)) * noise * spread / ratio / np.sqrt(dim))
+    return _cosine_dist(x.reshape(-1, dim))
+
+
+def test_one_level_of_clusters_and_a_nested_tree_are_told_apart():
+    for seed in range(2):
+        one = R.ultrametricity(_tree(np.random.default_rng([1, seed]), (4,), 9, 0.5), seed=seed)
+        s = one.summary
+        assert s["verdict"] == "clusters" and s["levels"] == 1 and s["levels_complete"] and s["top_clusters"] == 4
+        assert s["within_p"] >= s["alpha"] and R.verdict_label(s) == "clusters (one level)"
+        text = R.describe_ultrametricity(s)
+        assert "one level of clusters (4)" in text and "as one-step RSB" in text and "Parisi" not in text
+        two = R.ultrametricity(_tree(np.random.default_rng([2, seed]), (3, 3), 6, 0.5), seed=seed)
+        s = two.summary
+        assert s["verdict"] == "nested" and s["levels"] == 2 and s["levels_complete"] and s["top_clusters"] == 3, s
+        assert R.verdict_label(s) == "nested (2 levels)" and list(two.levels["level"]) == [1, 2, 3]
+        assert two.levels["p_value"].iloc[2] >= s["alpha"]  # nothing inside the leaf clusters of 6
+        text = R.describe_ultrametricity(s)
+        assert "clusters within clusters, 2 levels, as a Parisi tree" in text and "one-step" not in text
+
+
+def test_pspin_descent_endpoints_are_not_a_parisi_tree():
+    """Gradient-descent minima of the spherical 3-spin (N = 100, 16 runs, as Study.stage_reference) are threshold
+    states: nearly orthogonal, a few correlated pairs. The moment-matched null called 20 of 20 such sets
+    hierarchical (z -2.8 to -10.3); benchmarks/calibrate_ultrametric.py pspin measures the new one."""
+    n = 100
+    ps = lg.models.spherical_pspin(n, 3, seed=0)
+    s = lg.descend(ps, ps.init(16, 0), steps=600, lr=0.2 * n)
+    q = ((s @ s.T) / n).double().numpy()
+    keep = [i for i in range(16) if not any(q[i, j] > 0.999 for j in range(i))]
+    q = q[np.ix_(keep, keep)]
+    u = R.ultrametricity(R.distances_from_overlaps(q), seed=0).summary
+    assert u["verdict"] != "nested" and u["verdict"] not in ("cannot tell",), u
+    text = R.describe_ultrametricity(u, kind="threshold")
+    assert "threshold states" in text and "say nothing about replica symmetry breaking" in text
+    assert "Parisi" not in text and "one-step" not in text
+    # were the test to find clusters, the sentence still reads them as the descent's doing, not RSB
+    flagged = {**u, "verdict": "clusters", "levels": 1, "p_value": 0.005, "z": -2.6}
+    text = R.describe_ultrametricity(flagged, kind="threshold")
+    assert "descent dynamics" in text and "Parisi" not in text and "one-step" not in text
+
+
+def test_cannot_tell_when_no_null_is_calibrated():
+    x = _unit_vectors(np.random.default_rng(0), 5, 30)
+    s = R.ultrametricity(_dist(x)).summary  # below K_MIN
+    assert s["verdict"] == "cannot tell" and "too few points" in s["verdict_reason"] and np.isnan(s["p_value"])
+    assert R.describe_ultrametricity(s).startswith("Cannot tell") and R.verdict_label(s) == "cannot tell"
+    x = _unit_vectors(np.random.default_rng(1), 12, 30)
+    x[5] = x[2]  # the same state twice: counted once (else its zero side makes every triangle through it isosceles)
+    s = R.ultrametricity(_dist(x)).summary
+    clean = R.ultrametricity(_dist(np.delete(x, 5, 0))).summary
+    assert s["duplicates"] == 1 and s["points"] == 11 and s["K_mean"] == clean["K_mean"] and s["z"] == clean["z"]
+    assert s["verdict"] == clean["verdict"] and "counted once" in s["verdict_reason"]
+    assert "coincided with another and was counted once" in R.describe_ultrametricity(s)
+    s = R.ultrametricity(_dist(np.repeat(x[:2], 4, 0))).summary  # two states, four times each
+    assert s["verdict"] == "cannot tell" and "only 2 distinct points" in s["verdict_reason"]
+    # a metric that is no Euclidean configuration: 1 between neighbours on a 20-cycle, 2 between all others
+    k = 20
+    ring = np.minimum(np.abs(np.arange(k)[:, None] - np.arange(k)[None]), k - np.abs(np.arange(k)[:, None]
+                                                                                   - np.arange(k)[None]))
+    s = R.ultrametricity(np.where(ring > 0, 1.0 + (ring > 1), 0.0), norms="fitted").summary
+    assert s["verdict"] == "cannot tell" and "Euclidean" in s["verdict_reason"], s["verdict_reason"]
+    s = R.ultrametricity(_dist(np.random.default_rng(2).normal(size=(12, 5)))).summary  # general distances, K < 16
+    assert s["verdict"] == "cannot tell" and "origin is fitted" in s["verdict_reason"]
+    with pytest.raises(lg.LossglassError, match="unknown norms"):
+        R.ultrametricity(_dist(_unit_vectors(np.random.default_rng(0), 8, 30)), norms="guess")
+
+
+def test_weighted_norm_fit_recovers_lognormal_norms():
+    rng = np.random.default_rng(4)
+    r2 = np.exp(rng.normal(0, 1.5, 16)) ** 2
+    x = np.sqrt(r2)[:, None] * rng.normal(size=(16, 1000)) / np.sqrt(1000)
+    true = (x**2).sum(1)
+    d2 = _dist(x) ** 2
+    fitted, plain = R._fit_norms(d2), R._additive_norms(d2)
+    assert np.max(np.abs(fitted / true - 1)) < 0.1  # every point, the smallest (s ~ 1e-3) included
+    assert np.max(np.abs(plain / true - 1)) > 1  # the unweighted fit misses the small points by factors
+
+
+def test_null_keeps_the_overlap_law_norms_and_spectrum():
+    """The null's draws carry exactly the data's off-diagonal overlaps (their law, tails included), the data's norms
+    and, on average, the data's Gram spectrum; only which replica is close to which changes."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_t(2, (24, 60))  # heavy tails: the row-scale part is active
+    d = _cosine_dist(x)
+    s, c, mode = R._geometry(d, "auto", False)
+    assert mode == "unit"
+    null = R._null_model(s, c, False, np.random.default_rng(0))
+    draws = R._null_draws(null, 64, np.random.default_rng(1), cosines=True)
+    iu = np.triu_indices(24, 1)
+    assert np.allclose(np.sort(draws[:, iu[0], iu[1]], 1), np.sort(c[iu]))
+    spec = np.sort(np.linalg.eigvalsh(draws), 1).mean(0)
+    data = np.sort(np.linalg.eigvalsh(c))
+    assert np.abs(spec - data).max() < 0.25 * data.max()
+    assert not np.allclose(draws[0], c)  # the arrangement is new
+    dist = R._null_draws(null, 4, np.random.default_rng(1))
+    assert np.allclose(np.sort(dist, 1), np.sort(squareform(d, checks=False)))  # unit norms: the same distances
+
+
+def test_matched_spectrum_undoes_the_normalisation():
+    rng = np.random.default_rng(6)
+    c = np.corrcoef(rng.normal(size=(48, 30)) * np.arange(1, 31) ** -0.75)
+    target = np.linalg.eigvalsh(c)
+    target = target[target > 1e-10]
+    lam = R._matched_spectrum(target, 48, np.random.default_rng(0))
+    mixed = R._haar_gram(lam, 48, 32, np.random.default_rng(1))
+    got = np.sort(np.linalg.eigvalsh(mixed), 1)[:, -len(target):].mean(0)
+    naive = np.sort(np.linalg.eigvalsh(R._haar_gram(target, 48, 32, np.random.default_rng(1))), 1)[:, -len(target):]
+    err, err_naive = np.abs(got - target).max(), np.abs(naive.mean(0) - target).max()
+    assert err < 0.1 * target.max() and err < err_naive / 2, (err, err_naive)
+
+
+def test_samples_are_combined_by_fisher():
+    from scipy.stats import chi2
+
+    base = {"z": -2.0, "levels_complete": True}
+    nested = [{**base, "p_value": 0.02, "level_p_values": "0.02, 0.01"} for _ in range(4)]
+    out = R.combine_samples(nested, 0.01)
+    assert out["p_value"] == pytest.approx(chi2.sf(-8 * np.log(0.02), 8)) and out["z"] == pytest.approx(-4.0)
+    assert out["verdict"] == "nested" and out["levels"] == 2 and "as a Parisi tree" in out["sentence"]
+    flat = [{**base, "p_value": p, "level_p_values": f"{p}"} for p in (0.3, 0.6, 0.02, 0.9)]
+    assert R.combine_samples(flat, 0.01)["verdict"] == "no evidence"
+    one = [{**base, "p_value": 0.005, "level_p_values": "0.005, 0.5"} for _ in range(3)]
+    assert R.combine_samples(one, 0.01)["verdict"] == "clusters"
+    none = R.combine_samples([{**base, "p_value": float("nan"), "verdict_reason": "too few points (5)"}], 0.01)
+    assert none["verdict"] == "cannot tell" and "too few points" in none["sentence"]

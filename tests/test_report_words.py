@@ -51,11 +51,11 @@ def test_words_differ_for_a_tree_and_for_a_structureless_cloud(tmp_path):
     rng = np.random.default_rng(0)
     tree_html, tree = _report_of(tmp_path, "tree", _nested(rng))
     flat_html, flat = _report_of(tmp_path, "flat", _unit(rng.normal(size=(36, 200))))
-    assert tree["verdict"] == "hierarchical" and tree["z"] < -3
-    assert flat["verdict"] != "hierarchical" and abs(flat["z"]) < 3
+    assert tree["verdict"] == "nested" and tree["levels"] >= 2 and tree["z"] < -3
+    assert flat["verdict"] in ("no evidence", "trivial") and abs(flat["z"]) < 3
     t, f = _summary_rows(tree_html), _summary_rows(flat_html)
-    assert "hierarchically organised" in t and "no evidence of hierarchy" not in t
-    assert "no evidence of hierarchy" in f or "trivially ultrametric" in f
-    assert "hierarchically organised" not in f
+    assert "clusters within clusters" in t and "as a Parisi tree" in t and "no evidence" not in t
+    assert "no evidence of clusters or a tree" in f or "trivially ultrametric" in f
+    assert "clusters within clusters" not in f and "Parisi tree" not in f
     # the numbers quoted are the run's own
     assert f"{tree['K_mean']:.3f}" in t and f"{flat['K_mean']:.3f}" in f

@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -130,7 +131,7 @@ def test_langevin_walker_stopped_by_nan_is_flagged_and_censored():
     last = np.where(np.isnan(e), -np.inf, d).max(0)
     assert np.allclose(br["censor_distance"].to_numpy(), last)
     s = W.summarize(res, [10.0])
-    assert s["stopped_walkers"] == len(stopped) and s["radius_10_lower_bound"] and s["radius_10_reached"] == 0.0
+    assert s["stopped_walkers"] == len(stopped) and s["radius_10_lower_bound"] and s["radius_10_censored"] == 1.0
     assert s["radius_10_median"] == pytest.approx(np.median(last))
 
 
@@ -162,17 +163,17 @@ def _traces(radius, crossed, steps=10):
                         torch.ones(w, dtype=torch.bool), torch.zeros(w, dtype=torch.long), torch.zeros(w, 4))
 
 
-@pytest.mark.parametrize("radius,crossed,median,lower,reached", [
+@pytest.mark.parametrize("radius,crossed,median,lower,censored", [
     # no censoring, even count: the ordinary sample median
-    ([1, 2, 3, 4], [1, 1, 1, 1], 2.5, False, 1.0),
+    ([1, 2, 3, 4], [1, 1, 1, 1], 2.5, False, 0.0),
     # textbook case, censored at 2 and 5: S = 5/6, 5/8, 5/12 at r = 1, 3, 4 -> 4 (dropping them gave 3.5)
-    ([1, 2, 3, 4, 5, 6], [1, 0, 1, 1, 0, 1], 4.0, False, 4 / 6),
+    ([1, 2, 3, 4, 5, 6], [1, 0, 1, 1, 0, 1], 4.0, False, 2 / 6),
     # heavy censoring, 4 of 10 crossed: S = 6/7, 5/7, 15/28, 10/28 at r = 1, 2, 3, 4 -> 4 (dropping gave 2.5)
-    ([1, 2, 3, 4, .5, .5, .5, 2.5, 6, 7], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 4.0, False, 0.4),
+    ([1, 2, 3, 4, .5, .5, .5, 2.5, 6, 7], [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], 4.0, False, 0.6),
     # 2 of 10 crossed, S stays at 0.8: only a lower bound, the median of all observed distances (dropping gave 1.5)
-    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0], 5.5, True, 0.2),
+    ([1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0], 5.5, True, 0.8),
 ])
-def test_kaplan_meier_median_radius_on_known_traces(radius, crossed, median, lower, reached):
+def test_kaplan_meier_median_radius_on_known_traces(radius, crossed, median, lower, censored):
     crossed = [bool(c) for c in crossed]
     res = _traces(radius, crossed)
     br = W.basin_radius(res, [0.5])
@@ -183,7 +184,7 @@ def test_kaplan_meier_median_radius_on_known_traces(radius, crossed, median, low
     s = W.summarize(res, [0.5])
     assert s["radius_0.5_median"] == pytest.approx(median)
     assert s["radius_0.5_lower_bound"] is lower
-    assert s["radius_0.5_reached"] == pytest.approx(reached)
+    assert s["radius_0.5_censored"] == pytest.approx(censored)
 
 
 def test_kaplan_meier_curve_and_quantiles():
@@ -292,3 +293,86 @@ def test_walk_checkpoint_of_another_walk_is_refused(tiny, tmp_path):
     lg.random_walk(tiny, start, steps=6, step_size=0.05, seed=0, progress=False, checkpoint=ck, checkpoint_every=2)
     with pytest.raises(lg.LossglassError, match="another walk"):
         lg.random_walk(tiny, start, steps=6, step_size=0.07, seed=0, progress=False, checkpoint=ck)
+
+
+def test_km_groups_interval_from_the_band_by_hand():
+    z = 1.959963984540054
+    # textbook set, censored at 2 and 5: S = 5/6, 5/8, 5/12, 0 at 1, 3, 4, 6; Greenwood v = 1/30, 7/60, 17/60, inf.
+    # log-log band S^exp(+-z sqrt(v)/|log S|): lower 0.273 at r = 1 (<= 1/2), upper 0.975, 0.893, 0.767, then S = 0
+    # (uninformative): the median 4 has the interval [1, inf)
+    k = W.km_groups([1, 2, 3, 4, 5, 6], [1, 0, 1, 1, 0, 1])
+    assert k["value"][0] == 4 and k["ci_low"][0] == 1 and k["ci_high"][0] == math.inf and not k["lower_bound"][0]
+    assert k["censored"][0] == pytest.approx(2 / 6) and k["n"][0] == 6
+    # uncensored r = 1..n: at the j-th crossing S = 1 - j/n and v = j / (n (n - j)); the ends are the first j whose
+    # lower (upper) band value is <= 1/2
+    n = 40
+    j = np.arange(1, n)
+    s, v = 1 - j / n, j / (n * (n - j))
+    f = np.exp(z * np.sqrt(v) / np.abs(np.log(s)))
+    lo_end, hi_end = j[np.argmax(s**f <= 0.5)], j[np.argmax(s ** (1 / f) <= 0.5)]
+    k = W.km_groups(np.arange(1.0, n + 1), np.ones(n, bool))
+    assert k["value"][0] == 20.5 and (k["ci_low"][0], k["ci_high"][0]) == (lo_end, hi_end)
+    assert 13 <= lo_end < 20.5 < hi_end <= 28  # (an exact binomial interval for the median of 40: order stats 14, 27)
+    # ties: S at the tie equals kaplan_meier's; groups of unequal size (NaN-padded) equal one-group calls
+    r, c = [1, 1, 2, 2, 2, 3, 4], [1, 1, 1, 0, 1, 0, 1]  # S = 5/7, then 5/7 * 3/5 = 3/7 at r = 2 (two crossings)
+    times, surv = W.kaplan_meier(r, c)
+    assert W.km_groups(r, c)["value"][0] == times[np.argmax(surv <= 0.5)] == 2
+    # S = 4/6, then exactly 1/2 at r = 2 up to the next crossing at 3.5: the midpoint, as R's survfit
+    assert W.km_groups([1, 1, 2, 2, 3, 3.5], [1, 1, 0, 1, 0, 1])["value"][0] == 2.75
+    rows = np.array([r, [2, 1, 4, 3, np.nan, np.nan, np.nan]])
+    crossed = np.array([c, [1, 0, 1, 1, 0, 0, 0]], bool)
+    both = W.km_groups(rows, crossed)
+    for i in range(2):
+        one = W.km_groups(rows[i][np.isfinite(rows[i])], crossed[i][np.isfinite(rows[i])])
+        for key in ("value", "lower_bound", "ci_low", "ci_high", "censored", "n"):
+            assert both[key][i] == one[key][0], key
+
+
+def test_km_median_interval_covers_at_its_level():
+    # exponential radii (median ln 2), 16 walkers censored at a common reach 1.1 (about a third censored), 3,000 sets:
+    # the 95% interval covers the true median in 93-97.5% (the simulated rate is 0.954; Wilson half-width ~0.008)
+    rng = np.random.default_rng(0)
+    r = rng.exponential(1.0, (3000, 16))
+    crossed = r <= 1.1
+    k = W.km_groups(np.where(crossed, r, 1.1), crossed)
+    cover = (k["ci_low"] <= math.log(2)) & (math.log(2) <= k["ci_high"])
+    assert 0.93 <= cover.mean() <= 0.975, cover.mean()
+    assert k["lower_bound"].mean() < 0.1 and 0.25 < k["censored"].mean() < 0.4
+
+
+def test_relative_threshold_follows_the_start_energy():
+    # walker i's energy climbs linearly from E0_i by 0.05 per step: a rise of delta |E0| is first exceeded at step
+    # delta |E0| / 0.05 + 1; the absolute threshold (a rise of 0.5) ignores E0
+    e0 = torch.tensor([0.2, 1.0, -2.0], dtype=torch.float64)
+    t = torch.arange(21, dtype=torch.float64).unsqueeze(1)
+    res = _traces([1.0, 1.0, 1.0], [False] * 3, steps=20)
+    res.energy = e0 + 0.05 * t
+    res.distance = t.repeat(1, 3) / 10
+    rel = W.basin_radius(res, [0.5], relative=True)
+    assert rel["step"].tolist() == [3, 11, -1]  # a rise of 0.1, 0.5 and 1.0: the last needs step 21 of 20
+    assert rel["censored"].tolist() == [False, False, True]
+    assert np.allclose(rel["threshold"], e0.numpy() + 0.5 * np.abs(e0.numpy()))
+    ab = W.basin_radius(res, [0.5])
+    assert ab["step"].tolist() == [11, 11, 11] and np.allclose(ab["radius"], 1.1)
+
+
+def test_report_words_say_when_a_radius_is_a_bound():
+    from lossglass.report import walk as RW
+
+    never = W.summarize(_traces([1, 2, 3, 4], [False] * 4), [0.5])  # nobody crossed: >= the median reach, 2.5
+    some = W.summarize(_traces([1, 2, 3, 4, 5, 6], [c == 1 for c in (1, 0, 1, 1, 0, 1)]), [0.5])  # the textbook set: 4, [1, inf)
+    rows = []
+    for i, s in enumerate((never, some)):
+        s.update(run=i, label=f"walk {i}")
+        rows.append(s)
+
+    class View:
+        def table(self, name):
+            return pd.DataFrame(rows) if name == "walk_summary" else None
+
+    said = {name: value for name, value, _ in RW.summary(View())}
+    assert said["Basin radius (walk 0, loss rise 0.5)"] == "≥ 2.5 (100% censored)"
+    assert said["Basin radius (walk 1, loss rise 0.5)"] == ("4 (33% censored), 95% interval 1 to ∞ (too few "
+                                                               "crossings to bound it above)")
+    ov = RW.overview(View())
+    assert ov["radius_text"] == "≥ 2.5 (100% censored, ΔE 0.5)" and ov["radius_lower_bound"] and ov["radius_censored"] == 1

@@ -139,12 +139,14 @@ class TimelineConfig(_Section):
     n_data: PositiveInt | None = _f(2000, "Training samples the curvature and the walks use (the first n; all when "
                                     "omitted).")
     tol: float = _f(1e-3, "Relative accuracy of lambda_max (Lanczos).", gt=0, lt=1)
-    walkers: PositiveInt = _f(4, "Walkers per replica for the basin radius.")
-    walk_steps: PositiveInt = _f(30, "Steps of each walk.")
-    step_size: float = _f(0.02, "Walk step size sigma (relative to each row's norm with normalize = filter).", gt=0)
-    normalize: Literal["none", "filter", "layer"] = _f("filter", "Walk step scale: isotropic, per filter/row, or per "
-                                                      "layer.")
-    delta: float = _f(0.1, "Loss rise (nats) that defines the basin radius.", gt=0)
+    walkers: PositiveInt = _f(4, "Straight walks per replica and kind of direction (filter-normalised and isotropic).")
+    walk_steps: int = _f(30, "Points of the geometric grid of radii along each straight walk, from step_size to 1 "
+                         "(units of |theta|); each crossing refined by bisection.", ge=2)
+    step_size: float = _f(0.002, "Smallest radius of that grid, in units of |theta|.", gt=0, lt=1)
+    normalize: Literal["filter", "layer"] = _f("filter", "Direction of the first kind of walk: per filter/row or per "
+                                               "layer (the second kind is always isotropic).")
+    delta: float = _f(0.1, "Loss rise that defines the basin radius, as a fraction of the snapshot's training loss E0 "
+                      "(threshold E0 (1 + delta)).", gt=0)
     pairs: int = _f(2, "Replica pairs (0, 1), (2, 3), ... for the naive and aligned barriers (0 = none).", ge=0)
     n_points: int = _f(11, "Points along each barrier path.", ge=2)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from scipy.stats import norm
+from scipy.stats import t as stats_t
 from tqdm.auto import tqdm
 
 from ._util import as_batch, check_finite, seed_for
@@ -34,6 +34,8 @@ from .protocols.walk import step_scale
 from .train import Replicas
 
 _MAX_SAMPLE_BYTES = 4 * 2**30
+_BLOCK_OVERLAPS = 2**21  # overlaps held at once by the streaming pair statistics (16 MiB of float64)
+_Q_SMALL = 0.3
 _ADAPT_EVERY = 10
 _MAX_R_HAT = 1.1
 _TARGET_ACCEPTANCE = 0.35
@@ -54,12 +56,28 @@ class PTResult:
       swaps between T_m and T_{m+1}; ``round_trips`` ``(R,)``: walks of a configuration from T_1 to T_M and back.
     - ``final`` ``(M, R, P)``: the last configurations; ``step_sizes`` ``(M,)`` the proposal scale per
       temperature (continuous problems; None for Ising).
-    - ``equilibration``: per temperature, the mean energy in the first and second half of the post-burn-in run
-      with standard errors (from the spread of the R independent replicas; from 10 blocks when R = 1), their
-      difference in standard errors ``drift_z`` and ``equilibrated`` (|drift_z| below the two-sided 1% point
-      for the whole ladder, Bonferroni over M: 2.81 for M = 1, 3.42 for M = 16), the Gelman-Rubin ``R_hat`` of the
-      energy across replicas (stuck replicas disagree: R_hat >> 1), and ``equilibrated`` (both tests pass,
-      R_hat < 1.1); ``equilibrated`` (all temperatures).
+    - ``equilibration``: one row per temperature; ``equilibrated`` (all rows) needs every check of every row:
+
+      1. energy (:func:`_equilibration`): the mean energy in the first and second half of the post-burn-in run with
+         standard errors (from the spread of the R independent replicas; from 10 blocks when R = 1), their
+         difference in standard errors ``drift_z`` (paired over replicas) within ``drift_limit`` (two-sided 1% of
+         Student's t with R - 1 degrees of freedom for the whole ladder, Bonferroni over M: 3.76 for R = 32 and
+         M = 14), and the Gelman-Rubin ``R_hat`` of the energy across replicas below 1.1 (stuck replicas disagree:
+         R_hat >> 1): ``energy_ok``.
+      2. q (:func:`_q_equilibration`, R >= 3 and S >= 2, else ``q_tested`` False): <|q|>, <q^2> and the share of
+         |q| < 0.3 agree between the halves of the stored samples (jackknife z over replicas within ``q_z_limit``)
+         and the pairs' |q| has mixed (``absq_R_hat`` < 1.1): ``q_halves_ok``; for Ising problems P(q) is symmetric
+         under q -> -q (signed <q> and <q^3>, and the overlap with a given ``start``, consistent with 0; the pairs'
+         signed q mixed, ``q_R_hat`` < 1.1): ``q_symmetric``.
+      3. ladder (:func:`_ladder_mixing`): burn-in and measured run each at least one mean round-trip time
+         ``round_trip_time``: ``ladder_ok``.
+
+      The energy alone misses runs whose states have not yet the equilibrium weights. Measured
+      (``benchmarks/bench_pt_equilibration.py``, SK N = 64, 14 temperatures, 32 replicas): 60 sweeps pass the
+      energy checks in 57 of 60 disorder samples, while the round-trip time (~340 sweeps) is 11 times the burn-in
+      (all 60 flagged by the ladder, 22 also by ``absq_R_hat``); replicas all started from one low state, 100
+      sweeps, pass the energy in 60 of 60 and are caught by ``start_z`` in 43 and by the ladder in all 60.
+      Equilibrated runs (2000-3000 sweeps, round-trip time ~250) raised no alarm in the trials listed there.
       For SK it also carries <q^2> and the Gaussian-coupling identity
       E_identity = -(beta/2)(1 - <q^2>) (Katzgraber, Palassini & Young 2001), exact for the disorder average
       only: one sample deviates by ~0.01 above T_c and by up to ~0.1 below it, where P_J(q) is not
@@ -131,24 +149,144 @@ def _r_hat(x: np.ndarray) -> np.ndarray:
 
 def _equilibration(energy: np.ndarray, burn_in: int, temperatures: np.ndarray) -> pd.DataFrame:
     """First-half vs second-half mean energy after burn-in (PHYSICS.md: equilibrium is reached when the two
-    halves agree) and the Gelman-Rubin R_hat of the energy across the independent replicas."""
+    halves agree) and the Gelman-Rubin R_hat of the energy across the independent replicas.
+
+    ``drift_z`` = (E_second - E_first) / se. With R >= 2 replicas, se is the standard error of the mean of the R
+    independent per-replica differences (second-half minus first-half time average; a paired comparison, so the
+    correlation of a replica's two halves is kept) and z follows Student's t with R - 1 degrees of freedom; with
+    R = 1, se = sqrt(se_1^2 + se_2^2) from 10 blocks per half, t with 18 degrees of freedom. ``drift_limit``: the
+    two-sided 1% point of that t for the whole ladder, Bonferroni over the M temperatures. ``energy_ok``:
+    |drift_z| <= drift_limit and R_hat < 1.1."""
     post = energy[burn_in:]
     half = len(post) // 2
-    m = len(temperatures)
+    m, r = len(temperatures), energy.shape[2]
+    dof = r - 1 if r >= 2 else 2 * (min(10, max(half, 2)) - 1)
+    limit = np.full(m, stats_t.ppf(1 - 0.005 / m, dof))  # Bonferroni 1% over the ladder
     if half < 1:
         nan = np.full(m, np.nan)
         return pd.DataFrame({"T": temperatures, "E_first": nan, "E_first_se": nan, "E_second": nan,
-                             "E_second_se": nan, "drift_z": nan, "R_hat": nan, "equilibrated": np.zeros(m, bool)})
+                             "E_second_se": nan, "drift_z": nan, "drift_limit": limit, "R_hat": nan,
+                             "energy_ok": np.zeros(m, bool)})
     m1, s1 = _mean_se(post[:half])
     m2, s2 = _mean_se(post[half:2 * half])
-    se = np.sqrt(s1**2 + s2**2)
+    if r >= 2:
+        d = post[half:2 * half].mean(0) - post[:half].mean(0)  # (M, R) per-replica drift
+        se = d.std(1, ddof=1) / math.sqrt(r)
+    else:
+        se = np.sqrt(s1**2 + s2**2)
     diff = m2 - m1
     with np.errstate(divide="ignore", invalid="ignore"):
         dz = np.where(se > 0, diff / se, np.where(diff == 0, 0.0, np.inf))
     r_hat = _r_hat(post)
-    ok = (np.abs(dz) <= norm.ppf(1 - 0.005 / m)) & ~(r_hat >= _MAX_R_HAT)  # Bonferroni 1% over the ladder
+    ok = (np.abs(dz) <= limit) & ~(r_hat >= _MAX_R_HAT)
     return pd.DataFrame({"T": temperatures, "E_first": m1, "E_first_se": s1, "E_second": m2, "E_second_se": s2,
-                         "drift_z": dz, "R_hat": r_hat, "equilibrated": ok})
+                         "drift_z": dz, "drift_limit": limit, "R_hat": r_hat, "energy_ok": ok})
+
+
+def _jackknife_z(est: np.ndarray, loo: np.ndarray) -> np.ndarray:
+    """z = est / se with the jackknife error over the R replicas (Efron & Stein 1981): se^2 = (R - 1) / R
+    sum_a (est_(a) - mean_a est_(a))^2, ``loo`` ``(K, R)`` the estimates without replica a, ``est`` ``(K,)``. A
+    replica's whole trajectory leaves at once, so the error keeps the correlation of the pairs that share a replica
+    and of successive samples. 0 where est and se are both 0, +-inf where only se is."""
+    r = loo.shape[1]
+    se = np.sqrt((r - 1) / r * ((loo - loo.mean(1, keepdims=True)) ** 2).sum(1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(se > 0, est / se, np.where(np.abs(est) < 1e-12, 0.0, np.sign(est) * np.inf))
+
+
+def _q_equilibration(samples: torch.Tensor, ising: bool, temperatures: np.ndarray,
+                     start: torch.Tensor | None = None) -> pd.DataFrame:
+    """Equilibrium in q (PHYSICS.md: an observable is in equilibrium when its two halves agree and, for Ising
+    spins, P(q) is symmetric under q -> -q), per temperature, from the stored samples ``(M, S, R, P)``; q_ab the
+    overlap of independent replicas a < b, O a mean over the R (R - 1) / 2 pairs and over samples:
+
+    - halves: <|q|>, <q^2> and the share of |q| < 0.3 in the first and second half of the stored samples
+      ([0, h) and [h, 2h), h = S // 2; ``absq_first`` / ``absq_second``, ``q2_*``, ``small_q_*``) and the z of
+      their difference O_2 - O_1 (``absq_z``, ``q2_z``, ``small_q_z``);
+    - symmetry (Ising problems, H(s) = H(-s)): the signed <q> and <q^3> over the whole run (``q_mean``,
+      ``q3_mean``), which vanish when every replica is as likely to be found in a state as in its flip, and their z
+      (``q_mean_z``, ``q3_z``); replicas that remember a common start (or a common sign) give <q> > 0. When the
+      run was given a ``start`` ``(R, P)``, also the overlap of each replica with its own start, m_a = time mean of
+      s_a . s0_a / N (``start_overlap``, the mean over replicas), which vanishes in equilibrium (the Gibbs law of
+      H(s) = H(-s) is flip symmetric), and its one-sample t over the R independent replicas (``start_z``);
+    - mixing: the Gelman-Rubin R_hat with the replica pairs as chains (:func:`_pair_r_hat`) of |q| (``absq_R_hat``)
+      and, for Ising problems, of the signed q about 0 (``q_R_hat``): a pair whose replicas keep their valleys
+      keeps its q.
+
+    Every z is a jackknife over replicas (:func:`_jackknife_z`), the estimate recomputed from the pairs without
+    replica a, so it respects the correlation of pairs that share a replica and of successive samples. The limit
+    ``q_z_limit`` is the two-sided 1% point of Student's t with R - 1 degrees of freedom, Bonferroni over the z
+    of the M temperatures (3, 5 or 6 per temperature: halves, odd moments for Ising problems, the start). The
+    halves are tested two-sided (|z|); the odd moments and the start one-sided (z > limit, the same limit, so at
+    half the level): replicas that remember a common state can only make them positive, while <q> < 0 is bounded
+    by -1/(R - 1) (sum_a s_a = 0) and there the jackknife error collapses (z -> -inf with one dominant pair of
+    states, z = |Z| - 1/|Z|, Z normal, when the symmetry holds), so a negative z is no evidence. When the symmetry
+    holds the odd moments are degenerate U-statistics and the jackknife over-estimates their error (about 2 in
+    variance when many states contribute): the test errs on the safe side, and its power is about half that of
+    ``start_z``, where a start is known.
+    ``q_halves_ok``: the three halves |z| within the limit and absq_R_hat < 1.1; ``q_symmetric``: the odd-moment and
+    start z below the limit and q_R_hat < 1.1 (True for continuous problems, which have no flip symmetry).
+
+    The overlaps stream in bounded blocks (:func:`_overlap_stats`): memory O(S R) per temperature, never S R^2.
+    ``q_tested`` is False where nothing can be compared (fewer than 3 replicas or 2 stored samples): the q columns
+    are then NaN and the flag rests on the energy and the ladder. ``q2`` is <q^2> over the whole run."""
+    m, s_n, r, _ = samples.shape
+    names = ["absq_first", "absq_second", "absq_z", "q2_first", "q2_second", "q2_z", "small_q_first",
+             "small_q_second", "small_q_z", "absq_R_hat", "q_mean", "q_mean_z", "q3_mean", "q3_z", "q_R_hat",
+             "start_overlap", "start_z", "q2"]
+    cols = {k: np.full(m, np.nan) for k in names}
+    tested = r >= 3 and s_n >= 2
+    with_start = ising and start is not None
+    n_tests = 3 + 2 * ising + with_start
+    limit = float(stats_t.ppf(1 - 0.005 / (n_tests * m), r - 1)) if tested else np.nan
+    n_pairs, n_loo = r * (r - 1) / 2, (r - 1) * (r - 2) / 2
+    h = s_n // 2
+    for i in range(m if r >= 2 else 0):
+        st = _overlap_stats(samples[i], ising)
+        tot, row = st["tot"], st["row"]
+        cols["q2"][i] = tot[1].mean() / n_pairs
+        if not tested:
+            continue
+        o1, o2 = tot[:, :h].mean(1) / n_pairs, tot[:, h:2 * h].mean(1) / n_pairs
+        loo = (tot[:, :, None] - row) / n_loo  # (3, S, R): the pair mean without replica a
+        z = _jackknife_z(o2 - o1, loo[:, h:2 * h].mean(1) - loo[:, :h].mean(1))
+        for k, name in enumerate(("absq", "q2", "small_q")):
+            cols[f"{name}_first"][i], cols[f"{name}_second"][i], cols[f"{name}_z"][i] = o1[k], o2[k], z[k]
+        r_q, r_abs = _pair_r_hat(st, r, s_n)
+        cols["absq_R_hat"][i] = r_abs
+        if ising:
+            odd = st["g_sum"][:2] / n_pairs
+            z = _jackknife_z(odd, (st["g_sum"][:2, None] - st["g_row"]) / n_loo)
+            cols["q_mean"][i], cols["q3_mean"][i] = odd
+            cols["q_mean_z"][i], cols["q3_z"][i] = z
+            cols["q_R_hat"][i] = r_q
+        if with_start:
+            y = _unit(samples[i], True)
+            ma = torch.einsum("srp,rp->sr", y, _unit(start, True)).double().numpy().mean(0) / y.shape[-1]  # (R,)
+            cols["start_overlap"][i] = ma.mean()
+            cols["start_z"][i] = _jackknife_z(ma.mean()[None], ((ma.sum() - ma) / (r - 1))[None])[0]
+    halves = np.abs(np.stack([cols["absq_z"], cols["q2_z"], cols["small_q_z"]]))
+    odd = np.stack([cols["q_mean_z"], cols["q3_z"], cols["start_z"]])  # one-sided: memory makes them positive
+    out = pd.DataFrame(cols)
+    out["q_z_limit"] = limit
+    out["q_tested"] = np.full(m, tested)
+    out["q_halves_ok"] = ~(halves > limit).any(0) & ~(cols["absq_R_hat"] >= _MAX_R_HAT)
+    out["q_symmetric"] = ~(odd > limit).any(0) & ~(cols["q_R_hat"] >= _MAX_R_HAT)
+    return out
+
+
+def _ladder_mixing(half_trips: np.ndarray, m: int, r: int, burn_in: int, post: int) -> tuple[float, bool]:
+    """The mean round-trip time of a configuration, T_1 -> T_M -> T_1, in sweeps: tau_rt = 2 (sweeps after burn-in)
+    M R / (half trips after burn-in, all walkers); inf when none completed. Below T_c a configuration changes
+    valley only by a trip through the high temperatures, so tau_rt bounds the time the valley weights (and P(q))
+    need to relax (Katzgraber, Trebst, Huse & Troyer, J. Stat. Mech. P03018, 2006). ``ladder_ok``: the burn-in and
+    the measured run are each at least tau_rt long, i.e. every configuration had time to forget its start and the
+    run holds at least one round trip per configuration. Always True for one temperature (no ladder)."""
+    if m < 2:
+        return np.nan, True
+    total = float(half_trips.sum())
+    tau = 2 * post * m * r / total if total > 0 else math.inf
+    return tau, bool(burn_in >= tau and post >= tau)
 
 
 # ---------------------------------------------------------------------------- checks
@@ -288,6 +426,7 @@ def parallel_tempering(problem: Problem, temperatures, *, n_replicas: int, sweep
     scale = float(getattr(problem, "energy_scale", 1.0))
     check(math.isfinite(scale) and scale > 0, f"problem.energy_scale must be a positive number, got {scale!r}")
     theta = _starts(problem, start, m, r, seed)
+    start_rows = None if start is None else theta[:r].detach().cpu().clone()  # chain c = m R + r: replica r's start
     rng = np.random.default_rng(seed_for(seed, 71))
     ladder = _Ladder(temps, r, rng)
     sample_sweeps = burn_in + sample_every * np.arange(1, n_samples + 1)
@@ -295,16 +434,18 @@ def parallel_tempering(problem: Problem, temperatures, *, n_replicas: int, sweep
     energy, samples, final, moves, steps = run(problem, theta, temps, r, sweeps, burn_in, sample_every, n_samples,
                                                scale, ladder, rng, seed, step_size, normalize, progress)
     eq = _equilibration(energy, burn_in, temps)
+    qeq = _q_equilibration(samples, ising, temps, start_rows)
+    eq = pd.concat([eq, qeq.drop(columns=["q2"])], axis=1)
+    eq["round_trip_time"], eq["ladder_ok"] = _ladder_mixing(ladder.half_trips, m, r, burn_in, sweeps - burn_in)
+    eq.insert(1, "equilibrated", eq["energy_ok"] & eq["q_halves_ok"] & eq["q_symmetric"] & eq["ladder_ok"])
+    if ising and _name(problem) == "sk" and r >= 2:
+        eq["q2"] = qeq["q2"]
+        eq["E_identity"] = -(1 / temps) / 2 * (1 - qeq["q2"])
     params = {"sweeps": int(sweeps), "burn_in": int(burn_in), "sample_every": int(sample_every),
               "energy_scale": scale, "spins": "ising" if ising else "continuous", "seed": int(seed),
               "n_replicas": r, "problem": _name(problem)}
-    res = PTResult(temps, samples, sample_sweeps, energy, moves, ladder.acceptance, ladder.half_trips // 2, final,
-                   steps, eq, bool(eq["equilibrated"].all()), params)
-    if ising and _name(problem) == "sk" and r >= 2:
-        q2 = np.array([np.mean(overlap_samples(res, i) ** 2) for i in range(m)])
-        eq["q2"] = q2
-        eq["E_identity"] = -(1 / temps) / 2 * (1 - q2)
-    return res
+    return PTResult(temps, samples, sample_sweeps, energy, moves, ladder.acceptance, ladder.half_trips // 2, final,
+                    steps, eq, bool(eq["equilibrated"].all()), params)
 
 
 def _run_ising(problem, theta, temps, r, sweeps, burn_in, sample_every, n_samples, scale, ladder, rng, seed,
@@ -416,23 +557,118 @@ def _t_index(result: PTResult, t_index: int) -> int:
 def _overlaps(x: torch.Tensor, ising: bool) -> torch.Tensor:
     """q_ab over the last-but-one axis of ``x`` ``(..., R, P)``: s_a . s_b / N for spins, else the normalised
     overlap <w_a, w_b> / (|w_a| |w_b|)."""
-    x = x.double()
+    y = _unit(x, ising)
+    q = y @ y.transpose(-1, -2)
+    return q.double() / x.shape[-1] if ising else q.clamp(-1, 1)
+
+
+def _unit(x: torch.Tensor, ising: bool) -> torch.Tensor:
+    """What the overlap multiplies: Ising spins as float32 (the dot products are integers below 2^24, so exact in
+    any summation order), anything else as float64 unit vectors."""
     if ising:
-        return x @ x.transpose(-1, -2) / x.shape[-1]
-    u = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    return (u @ u.transpose(-1, -2)).clamp(-1, 1)
+        return x.to(torch.float32 if x.shape[-1] < 2**24 else torch.float64)
+    x = x.double()
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def _pair_blocks(x: torch.Tensor, ising: bool, budget: int | None = None):
+    """The overlaps q_ab, a < b, of the replicas of ``x`` ``(S, R, P)`` (one temperature) in bounded blocks, rows
+    outermost: yields ``(a0, a1, s0, s1, q, upper)`` with ``q`` ``(s1 - s0, a1 - a0, R - a0)`` float64, the overlaps
+    of replicas a0..a1-1 with replicas a0..R-1 in samples s0..s1-1, and ``upper`` ``(a1 - a0, R - a0)`` the mask
+    b > a. At most about ``budget`` overlaps (plus one row of R per sample) exist at once, so memory is
+    O(S R P + budget), never S R^2; each pair is computed once (the triangle), one batched product per block."""
+    s_n, r, p = x.shape
+    budget = _BLOCK_OVERLAPS if budget is None else budget
+    y = _unit(x, ising)
+    sc = min(s_n, max(1, budget // r))
+    a0 = 0
+    while a0 < r - 1:
+        width = r - a0
+        a1 = min(r - 1, a0 + max(1, budget // (sc * width)))
+        upper = torch.arange(a0, r)[None, :] > torch.arange(a0, a1)[:, None]
+        for s0 in range(0, s_n, sc):
+            s1 = min(s_n, s0 + sc)
+            q = y[s0:s1, a0:a1] @ y[s0:s1, a0:].transpose(1, 2)
+            q = q.double() / p if ising else q.clamp(-1, 1)
+            yield a0, a1, s0, s1, q, upper
+        a0 = a1
+
+
+def _overlap_stats(x: torch.Tensor, ising: bool) -> dict:
+    """Streaming pair statistics of one temperature's samples ``x`` ``(S, R, P)`` (:func:`_pair_blocks`):
+
+    - ``tot`` ``(3, S)``: sum over pairs a < b of |q_ab|, q_ab^2 and 1[|q_ab| < 0.3] in each sample;
+    - ``row`` ``(3, S, R)``: the same sums over the pairs that contain replica a (for the jackknife);
+    - ``g_sum``, ``g_sq`` ``(3,)``: sum over pairs a < b of g_ab and of g_ab^2, g_ab the time mean over the S samples
+      of q_ab, q_ab^3 and |q_ab|; ``g_row`` ``(2, R)``: sum over b != a of g_ab for q and q^3 (the jackknife of the
+      odd moments and the across-pair R_hat of :func:`_q_equilibration`).
+
+    Memory O(S R) besides the blocks."""
+    s_n, r, _ = x.shape
+    tot = np.zeros((3, s_n))
+    row = np.zeros((3, s_n, r))
+    g_sum, g_sq = np.zeros(3), np.zeros(3)
+    g_row = np.zeros((2, r))
+    g = None
+    for a0, a1, s0, s1, q, upper in _pair_blocks(x, ising):  # numpy from here: single-threaded, same bytes always
+        q, upper = q.numpy(), upper.numpy()
+        if s0 == 0:
+            g = np.zeros((3, a1 - a0, r - a0))
+        qa = np.abs(q)
+        for k, f in enumerate((qa, q * q, (qa < _Q_SMALL) * 1.0)):
+            f = np.where(upper, f, 0.0)
+            rows, cols = f.sum(2), f.sum(1)
+            tot[k, s0:s1] += rows.sum(1)
+            row[k, s0:s1, a0:a1] += rows
+            row[k, s0:s1, a0:] += cols
+        g[0] += q.sum(0)
+        g[1] += (q * q * q).sum(0)
+        g[2] += qa.sum(0)
+        if s1 == s_n:
+            g = np.where(upper, g / s_n, 0.0)
+            g_sum += g.sum((1, 2))
+            g_sq += (g * g).sum((1, 2))
+            g_row[:, a0:a1] += g[:2].sum(2)
+            g_row[:, a0:] += g[:2].sum(1)
+    return {"tot": tot, "row": row, "g_sum": g_sum, "g_sq": g_sq, "g_row": g_row}
+
+
+def _pair_r_hat(st: dict, r: int, s_n: int) -> tuple[float, float]:
+    """Gelman-Rubin R_hat of q and of |q| with the R (R - 1) / 2 replica pairs as the chains (:func:`_r_hat` with
+    pairs for replicas): R_hat = sqrt(((S - 1)/S W + B) / W), W the mean within-pair variance of the S samples and
+    B the variance of the pair means (for the signed q about 0, its value under the q -> -q symmetry). A pair whose
+    two replicas stay in the same valleys keeps its own q, so its time mean differs from the others' (B >> W / S)
+    until the ladder has carried every replica through the high temperatures and back."""
+    n_pairs = r * (r - 1) / 2
+    second = st["tot"][1].sum() / s_n  # sum over pairs of the time mean of q^2 (= |q|^2)
+    out = []
+    for k, about_zero in ((0, True), (2, False)):
+        w = s_n / (s_n - 1) * (second - st["g_sq"][k]) / n_pairs
+        if about_zero:
+            b = st["g_sq"][k] / n_pairs
+        else:
+            b = (st["g_sq"][k] - st["g_sum"][k] ** 2 / n_pairs) / max(n_pairs - 1, 1)
+        out.append(math.sqrt(((s_n - 1) / s_n * w + b) / w) if w > 0 else (1.0 if b <= 0 else math.inf))
+    return out[0], out[1]
 
 
 def overlap_samples(result: PTResult, t_index: int) -> np.ndarray:
     """Overlaps of the independent replicas a < b at temperature ``temperatures[t_index]``, at every stored
-    sample: ``(S, R (R - 1) / 2)``. q_ab = s_a . s_b / N for Ising spins, <w_a, w_b> / (|w_a| |w_b|) otherwise
-    (= s_a . s_b / N on the p-spin sphere). Replicas are independent chains, so ``.ravel()`` samples the P(q) of
-    two independent equilibrium copies (successive rows are correlated in time)."""
+    sample: ``(S, R (R - 1) / 2)``, pairs in ``np.triu_indices(R, 1)`` order. q_ab = s_a . s_b / N for Ising spins,
+    <w_a, w_b> / (|w_a| |w_b|) otherwise (= s_a . s_b / N on the p-spin sphere). Replicas are independent chains,
+    so ``.ravel()`` samples the P(q) of two independent equilibrium copies (successive rows are correlated in
+    time). The result itself holds S R (R - 1) / 2 numbers; it is filled block by block (:func:`_pair_blocks`), so
+    nothing larger is built on the way."""
     i = _t_index(result, t_index)
-    check(result.n_replicas >= 2, f"overlaps need at least 2 replicas, the run has {result.n_replicas}")
-    q = _overlaps(result.samples[i], result.params.get("spins") == "ising").numpy()
-    iu = np.triu_indices(result.n_replicas, 1)
-    return q[:, iu[0], iu[1]]
+    r = result.n_replicas
+    check(r >= 2, f"overlaps need at least 2 replicas, the run has {r}")
+    x = result.samples[i]
+    out = np.empty((x.shape[0], r * (r - 1) // 2))
+    for a0, _a1, s0, s1, q, upper in _pair_blocks(x, result.params.get("spins") == "ising"):
+        start = a0 * r - a0 * (a0 + 1) // 2  # pairs of the rows before a0
+        block = q[:, upper]  # row-major: (a0, a0+1), (a0, a0+2), ... = np.triu_indices order
+        out[s0:s1, start:start + block.shape[1]] = block.numpy()
+    return out
 
 
 def overlap_matrix(result: PTResult, t_index: int, sweep: int = -1) -> np.ndarray:

@@ -849,7 +849,7 @@ def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict | None = 
     from safetensors.torch import save
 
     meta = {k: str(v) for k, v in (metadata or {}).items()}
-    data = save(tensors, metadata=meta or None)
+    data = save(tensors, metadata=meta)
     if len(meta) < 2:
         return data
     n = struct.unpack("<Q", data[:8])[0]

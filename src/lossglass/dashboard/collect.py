@@ -29,8 +29,9 @@ def _with(function: str) -> list:
 #: overview columns: key, heading, numeric (sorts as a number)
 COLUMNS = (("name", "run", False), ("status", "status", False), ("model", "model", False), ("data", "data", False),
            ("replicas", "replicas", True), ("acc_best", "test acc. best %", True),
-           ("acc_median", "test acc. median %", True), ("radius", "basin radius", True),
-           ("barrier_aligned", "aligned barrier", True), ("verdict", "ultrametricity", False),
+           ("acc_median", "test acc. median %", True), ("radius", "basin radius (≥: lower bound)", True),
+           ("radius_censored", "radius censored %", True), ("barrier_aligned", "aligned barrier", True),
+           ("verdict", "ultrametricity", False),
            ("predictor", "best flatness predictor", False), ("ship", "model to ship", False))
 
 #: the side-by-side overlays: key, title, x axis, y axis (log?), caption
@@ -231,7 +232,9 @@ def overview_row(view: RunView, run_status: str) -> dict[str, dict]:
     row = {"name": _cell(view.name), "status": _cell(run_status), "model": _cell(_text(_model(view.config))),
            "data": _cell(_text(_data(view.config))), "replicas": _cell(o.get("replicas", ""), _number(o.get("replicas"))),
            "acc_best": num("acc_best", ".2f"), "acc_median": num("acc_median", ".2f"),
-           "radius": _cell(o.get("radius_text", ""), o.get("radius")), "barrier_aligned": num("barrier_aligned", ".4g"),
+           "radius": _cell(o.get("radius_text", ""), o.get("radius")),
+           "radius_censored": _cell(format(100 * o["radius_censored"], ".0f"), 100 * o["radius_censored"])
+           if finite(o.get("radius_censored")) else _cell("", None), "barrier_aligned": num("barrier_aligned", ".4g"),
            "verdict": _cell(o.get("verdict", "")), "predictor": _cell(o.get("predictor", ""), o.get("predictor_tau")),
            "ship": _cell(o.get("ship", ""))}
     for k, c in row.items():

@@ -390,6 +390,20 @@ def _cluster_var(ind: torch.Tensor, cluster: torch.Tensor, n_clusters: torch.Ten
     return (c / (c - 1).clamp_min(1)) * ((hits - p * size) ** 2).sum(1) / n**2
 
 
+def _na_step(hits: torch.Tensor, n: int, *, final: bool | torch.Tensor) -> torch.Tensor:
+    """log P(E <= t | level) by the Nelson-Aalen estimator (Aalen 1978) from n chains of the level's law of which
+    ``hits`` lie below t: minus the sum of 1 / (chains at risk) over the chains that exit, taken in order of
+    decreasing energy. A fixed t (``final``; also an intermediate level whose kept chains lie strictly below the
+    threshold chain, which exits last): exits j = hits + 1 .. n, psi(hits + 1) - psi(n + 1). An intermediate level
+    that keeps the chain at t (ties): j = hits .. n, psi(hits) - psi(n + 1). Unbiased for log F(t) when the n chains are
+    independent draws of the level's law, including thresholds chosen as order statistics of the same chains (the
+    Nelson-Aalen martingale stopped at an order statistic); log(hits / n) is not: E log F(e_(k)) = psi(k) - psi(n + 1)
+    for the k-th lowest of n, below log(k / n) by about 1/(2k) - 1/(2n) nats per level. ``final`` may be a bool
+    tensor (per replica)."""
+    h = hits + torch.as_tensor(final, device=hits.device).to(hits.dtype)
+    return torch.special.digamma(h) - torch.special.digamma(torch.full_like(h, n + 1.0))
+
+
 def local_entropy(problem: Problem, theta, *, radius: float = 0.05, epsilon: float = 0.01, n_chains: int = 64,
                   p0: float = 0.2, mcmc_steps: int = 3, max_levels: int = 20, seed: int = 0) -> dict:
     """Local entropy (Baldassi et al. 2016/2020), relative form: the log of the fraction of the ball
@@ -400,29 +414,51 @@ def local_entropy(problem: Problem, theta, *, radius: float = 0.05, epsilon: flo
     sharpness). The log-volume is this plus log Vol_P(R). Flat minima have values near 0.
 
     Estimated by subset simulation (Au & Beck 2001), so fractions far below 1/n_chains are resolved: with u uniform
-    on B_R, p = P(E(theta + u) <= E(theta) + epsilon) = prod_l P(E <= tau_l | E <= tau_{l-1}) over decreasing
-    energy thresholds tau_0 > tau_1 > ... > tau_L = E(theta) + epsilon, each tau_l the p0-quantile of the
-    current chains (so each factor is about p0); then
+    on B_R, p = P(E(theta + u) <= E(theta) + epsilon) = prod_l P(E < tau_l | E < tau_{l-1}) over decreasing
+    energy thresholds tau_0 > tau_1 > ... > tau_L = E(theta) + epsilon, each tau_l the k-th lowest energy of the
+    current n = ``n_chains`` chains, k = ceil(p0 n). The log of each factor is the Nelson-Aalen estimate
+    (:func:`_na_step`): psi(k) - psi(n + 1) at an intermediate level, psi(h + 1) - psi(n + 1) at the last one (h chains
+    at or below E(theta) + epsilon), psi the digamma function, so
 
-        log p = sum_{l < L} log phat_l + log phat_L,   phat_l = #{chains with E <= tau_l} / n_chains,
+        log p = L (psi(k) - psi(n + 1)) + psi(h + 1) - psi(n + 1),
 
-    L ~ log p / log p0 levels. Chains below tau_l are cloned back to ``n_chains`` and moved by ``mcmc_steps``
-    preconditioned Crank-Nicolson steps that leave the uniform law on B_R intersect {E <= tau_l} invariant
-    (Papaioannou et al. 2015): u = R T(z), T maps N(0, I) to the uniform unit ball (:func:`_ball_map`),
-    z' = a z + sqrt(1 - a^2) xi, accepted iff E(theta + R T(z')) <= tau_l, with sqrt(1 - a^2) adapted per replica
-    towards 44% acceptance. The standard error treats the levels as independent and, within a level, the clones of
-    one seed as a cluster (:func:`_cluster_var`): var(log p) = sum_l var(phat_l) / phat_l^2.
+    L ~ log p / log p0 levels. The k - 1 chains strictly below tau_l (the chain at tau_l is the level's last exit;
+    with ties at tau_l, as on a flat energy, the tied chains are kept too) are cloned back to n, n // (k - 1) clones
+    each and one more for seeds picked by a random offset, and moved by ``mcmc_steps`` preconditioned
+    Crank-Nicolson steps that leave the uniform law on B_R intersect {E < tau_l} invariant (Papaioannou et al. 2015):
+    u = R T(z), T maps N(0, I) to the uniform unit ball (:func:`_ball_map`), z' = a z + sqrt(1 - a^2) xi, accepted
+    iff E(theta + R T(z')) < tau_l, with sqrt(1 - a^2) adapted per replica towards 44% acceptance. The standard
+    error treats the levels as independent and, within a level, the clones of one seed as a cluster
+    (:func:`_cluster_var`): var(log p) = sum_l var(phat_l) / phat_l^2.
+
+    Three biases of the estimator before issue 22: (1) the factor k/n at a threshold chosen as the k-th order
+    statistic of the same chains overestimates log p by about 1/(2k) - 1/(2n) nats per level (E log F(e_(k)) =
+    psi(k) - psi(n + 1)); with every level sampled exactly, +0.69 nats at log p = -25 with n = 64, +1.28 with n = 32,
+    +2.50 with n = 16; (2) the chain at the threshold was kept as a seed: its clones start on the boundary of the new
+    set, where the level's law has no mass, and with 3 MCMC steps the population stays too close to the boundary
+    (-0.04 nats per level); (3) the extra clones of the n mod k seeds always went to the lowest seeds (+0.03 nats per
+    level); (2) and (3) measured level by level on an isotropic quadratic (P = 40), where log F(tau_l) is exact. They
+    partly cancelled: on the quadratics below the net bias was +0.03 to +0.55 nats with 64 chains (40 seeds), +0.66
+    at log p = -24.4 in P = 10 with 32 chains (64 seeds).
 
     Cost: 1 + 1 + (levels) * ``mcmc_steps`` batched energy evaluations of (active replicas) x ``n_chains`` points,
     at most 2 + ``max_levels`` * ``mcmc_steps`` (62 with the defaults, which resolve log p down to about
-    ``max_levels`` * log(p0) = -32; about 3.6 levels, 11 evaluations, per factor e^-10). Checked on quadratics
-    against the closed forms (isotropic: (sqrt(2 epsilon / h) / R)^P; stiff in m of P directions: the incomplete
-    beta fraction I_s(m/2, (P-m)/2 + 1), s = 2 epsilon / (h R^2)) at log p = -10 to -30, P = 40 to 1000: no
-    visible bias, standard errors 0.7 (at -10) to 1.2 (at -30) that match the spread over seeds. Replicas, chains
-    and levels are batched; replicas are processed in groups so that the chains' states (about 5 n_chains P
-    numbers per replica) stay within ``problem.memory_mb``. Deterministic for a seed; replica k's result does not
-    depend on the others. On a manifold the ball is the ball of radius R in the tangent space at theta
-    (dimension P - 1), each point projected onto the manifold.
+    ``max_levels`` * log(p0) = -32; about 3.6 levels, 11 evaluations, per factor e^-10); unchanged by issue 22.
+    Checked on quadratics against closed forms (isotropic: (sqrt(2 epsilon / h) / R)^P; stiff in m of P directions:
+    the incomplete beta fraction I_s(m/2, (P-m)/2 + 1), s = 2 epsilon / (h R^2); an ellipsoid inside the ball:
+    prod_i sqrt(2 epsilon / h_i) / R), 40 seeds each, defaults (benchmarks/calibrate_local_entropy.py): isotropic and
+    stiff cases at log p = -7 to -25, P = 10 to 1000, bias -0.6 to +0.1 nats (within 0.5 stated standard errors),
+    stated error / seed-to-seed spread 0.91 to 1.18; ellipsoids with semi-axes spread 10-fold (condition number 10),
+    P = 10 and 30: bias +0.03 and -0.68 (-0.7 se), ratio 0.99 and 0.69. Not resolved: strongly anisotropic sets,
+    where 3 isotropic steps per level do not mix: an ellipsoid with condition number 100 in P = 20 (log p = -23.0)
+    gives -26.9, spread 4.1 against a stated error of 1.2 (bias -3.1 se); more steps mix (``mcmc_steps=20``: -23.4,
+    spread 1.3, stated 1.0; all four ellipsoids within 0.4 se, ratios 0.81 to 1.33). A trained network is anisotropic
+    too: for 4 replicas of 784-64-10 on 1,000 Fashion-MNIST images at log p of -2.5 to -11 the seed-to-seed spread
+    over 6 seeds was 0.9 to 1.6 times the stated error, so read differences between replicas against about 1.5
+    ``stderr``. Replicas, chains and levels are batched; replicas are processed in groups so that the chains' states
+    (about 5 n_chains P numbers per replica) stay within ``problem.memory_mb``. Deterministic for a seed; replica
+    k's result does not depend on the others. On a manifold the ball is the ball of radius R in the tangent space at
+    theta (dimension P - 1), each point projected onto the manifold.
 
     Returns ``{"local_entropy", "stderr", "upper_bound", "levels", "converged", "radius", "n_energy"}``
     (per-replica tensors, ``n_energy`` the number of batched energy evaluations). A replica that has not reached
@@ -498,37 +534,48 @@ def _subset_simulation(problem: Problem, theta: torch.Tensor, target: torch.Tens
         if bool(done.any()):  # last level: the fraction below E(theta) + epsilon itself
             ind = e <= target.unsqueeze(1)
             reached = done & (tau <= target)
-            frac = ind.sum(1).double() / n
-            v = _cluster_var(ind, cluster, n_clusters) / frac**2
-            bound = torch.where(done, torch.where(reached, log_p + torch.log(frac), log_p), bound)
+            hits = ind.sum(1).double()
+            step = _na_step(hits, n, final=True)
+            v = _cluster_var(ind, cluster, n_clusters) / (hits / n)**2
+            bound = torch.where(done, torch.where(reached, log_p + step, log_p), bound)
             nan = torch.full_like(var, math.nan)
-            log_p = torch.where(done, torch.where(reached, log_p + torch.log(frac), nan), log_p)
+            log_p = torch.where(done, torch.where(reached, log_p + step, nan), log_p)
             var = torch.where(done, torch.where(reached, var + v, nan), var)
             converged |= reached
             levels = torch.where(done, torch.full_like(levels, level), levels)
             active &= ~done
         if not bool(active.any()):
             break
-        # intermediate level: keep the chains at or below tau, clone them back to n chains
-        ind = e <= tau.unsqueeze(1)
+        # intermediate level: keep the chains strictly below tau (the chain at tau is the level's last exit: its clones
+        # would start on the boundary of the new set, where the level's law puts no mass), clone them back to n chains
+        below = e < tau.unsqueeze(1)
+        strict = below.sum(1) >= 2  # else ties at tau (a flat energy): keep the chains at tau too
+        ind = torch.where(strict.unsqueeze(1), below, e <= tau.unsqueeze(1))
         hits = ind.sum(1)
         frac = hits.double() / n
-        log_p = torch.where(active, log_p + torch.log(frac), log_p)
+        log_p = torch.where(active, log_p + _na_step(hits.double(), n, final=strict), log_p)
         var = torch.where(active, var + _cluster_var(ind, cluster, n_clusters) / frac**2, var)
-        order = e.argsort(dim=1, stable=True)  # the hits come first
-        seed_of = torch.arange(n, device=dev).unsqueeze(0) % hits.clamp_min(1).unsqueeze(1)  # (K, n)
+        order = e.argsort(dim=1, stable=True)  # the kept chains come first
+        # n clones of the hits seeds, n // hits each and one more for n % hits of them, chosen by a random offset (the
+        # lowest seeds always taking the extra clones would bias the population towards low energies)
+        idx = torch.nonzero(active).flatten().tolist()
+        offset = torch.zeros(k, dtype=torch.long, device=dev)
+        if idx:
+            offset[idx] = torch.cat([torch.randint(0, n, (1,), generator=gens[i]) for i in idx]).to(dev)
+        seed_of = (torch.arange(n, device=dev).unsqueeze(0) + offset.unsqueeze(1)) % hits.clamp_min(1).unsqueeze(1)
         pick = order.gather(1, seed_of)
         z = z[rows.unsqueeze(1), pick]
         e = e.gather(1, pick)
         cluster, n_clusters = seed_of, hits
-        # constrained pCN moves at the level tau (only for the replicas still active)
+        # constrained pCN moves in the level's set {E < tau} (only for the replicas still active)
         act = active.clone()
         for _ in range(steps):
             s = sigma[act].view(-1, 1, 1).to(dt)
             prop = torch.sqrt(1 - s**2) * z[act] + s * noise(act)
             ep = energy(prop, act)
             n_energy += 1
-            ok = ep <= tau[act].unsqueeze(1)
+            lim = tau[act].unsqueeze(1)
+            ok = torch.where(strict[act].unsqueeze(1), ep < lim, ep <= lim)
             z[act] = torch.where(ok.unsqueeze(-1), prop, z[act])
             e[act] = torch.where(ok, ep, e[act])
             rate = ok.double().mean(1)

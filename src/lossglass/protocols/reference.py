@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.stats import combine_pvalues
 
 from .._util import seed_for
 from ..sampling import PTResult, parallel_tempering
@@ -94,34 +93,19 @@ def sk_sample(n_spins: int, temperatures, *, replicas: int, sweeps: int, seed: i
                               progress=progress)
 
 
-def fisher_combined(p_values) -> float:
-    """Fisher's combination of independent p-values: X = -2 sum log p_i ~ chi^2(2 n) under the joint null (Fisher
-    1932); the disorder samples of a spin glass are independent tests of one hypothesis.
-
-    Example::
-
-        >>> round(fisher_combined([0.01, 0.02]), 5)
-        0.00167
-    """
-    return float(combine_pvalues(np.asarray(p_values, dtype=np.float64), method="fisher").pvalue)
-
-
 def sk_pooled(rows: list[dict], q_low: np.ndarray, *, replicas: int, temperature: float, alpha: float) -> dict:
     """The 'SK all samples' summary row: P(q) pooled over the disorder samples at ``temperature`` (the disorder
-    average the Parisi solution describes), mean K and null K, z combined as sum z / sqrt(n), and the per-sample
-    ultrametricity p-values combined by :func:`fisher_combined` into one verdict at ``alpha``."""
-    fisher = fisher_combined([r["p_value"] for r in rows])
-    verdict = "hierarchical" if fisher < alpha else "no evidence of hierarchy"
+    average the Parisi solution describes), mean K and null K, and the per-sample verdicts combined by
+    :func:`lossglass.protocols.replicas.combine_samples` (Fisher's method for the p-values, Stouffer's for z, the
+    levels counted level by level) at ``alpha``."""
+    from .replicas import combine_samples
+
+    comb = combine_samples(rows, alpha, name="disorder samples")
     return {"system": f"SK all samples (T = {temperature:g})", "label": "sk-all", "replicas": replicas,
             "q_mean": float(q_low.mean()), "q_var": float(q_low.var()),
             "abs_q_mean": float(np.abs(q_low).mean()),
             "frac_abs_q_below_0_3": float(np.mean(np.abs(q_low) < 0.3)),
             "K_mean": float(np.mean([r["K_mean"] for r in rows])),
             "null_K_mean": float(np.mean([r["null_K_mean"] for r in rows])),
-            "z": float(np.sum([r["z"] for r in rows]) / np.sqrt(len(rows))), "p_value": fisher,
-            "alpha": alpha, "verdict": verdict, "temperature": temperature,
-            "energy_mean": float(np.mean([r["energy_mean"] for r in rows])),
-            "sentence": (f"Fisher's combination of the {len(rows)} disorder samples' p-values gives p = "
-                         f"{fisher:.2g} at alpha = {alpha:g}: "
-                         + ("the equilibrium states are hierarchically organised (a Parisi tree)."
-                            if verdict == "hierarchical" else "no evidence of hierarchy."))}
+            "alpha": alpha, "temperature": temperature,
+            "energy_mean": float(np.mean([r["energy_mean"] for r in rows])), **comb}

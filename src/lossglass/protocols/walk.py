@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import numpy as np
 import pandas as pd
@@ -414,42 +415,119 @@ def kaplan_meier(distance, crossed) -> tuple[np.ndarray, np.ndarray]:
     return times, np.cumprod(1 - d / at_risk)
 
 
-def km_quantile(distance, crossed, q: float = 0.5) -> tuple[float, bool]:
-    """The q-quantile of the radius from the Kaplan-Meier curve: the smallest crossing distance r with
-    S(r) <= 1 - q; where S equals 1 - q exactly up to the next crossing, the midpoint of the two (as R's
-    ``survfit``; without censoring this is the ordinary sample quantile, e.g. the median of an even count).
+def km_groups(distance, crossed, q: float = 0.5, level: float = 0.95) -> dict[str, np.ndarray]:
+    """Kaplan-Meier q-quantile of the radius, with a confidence interval, for every row of ``(G, n)`` arrays (one
+    group of walkers per row; NaN distances pad rows of unequal size and are left out), in one vectorised pass.
 
-    Returns ``(value, is_lower_bound)``. When S never falls to 1 - q (for the median: fewer than half of
-    the walkers crossed and the censored ones were not shed early) the quantile is not estimable; then the
-    value returned is the q-quantile of every walker's observed distance (crossing or censoring distance),
-    a conservative lower bound (each walker's radius is at least its observed distance), and the flag is
-    True. NaN when no walker has a finite distance."""
+    S(r) = prod_{r_j <= r} (1 - d_j / n_j) (Kaplan & Meier 1958, as :func:`kaplan_meier`); the variance of log S is
+    Greenwood's v(r) = sum_{r_j <= r} d_j / (n_j (n_j - d_j)) (Greenwood 1926). The quantile is the smallest crossing
+    distance with S <= 1 - q (the midpoint to the next crossing where S equals 1 - q exactly, as R's ``survfit``;
+    without censoring the ordinary sample quantile). Its interval follows Brookmeyer & Crowley (1982) with the
+    complementary log-log band S^exp(-+ z sqrt(v) / |log S|) (Kalbfleisch & Prentice 2002, statsmodels' default): the
+    low end is the first crossing distance where the lower band falls to 1 - q, the high end the first where the upper
+    band does (inf when it never does: the walks do not bound the radius from above). Coverage of the 95% interval of
+    the median, simulated (4,000 sets each; exponential and lognormal radii, uncensored, censored at a fixed reach or
+    at uniform reaches): 0.946 to 0.970 with 8 to 64 walkers, 0.89 to 0.94 with 4 (the log band, R's default: 0.86 at
+    8 walkers, 0.93 at 32 and 64).
+
+    Where S never falls to 1 - q the quantile is not estimable: ``value`` is then the q-quantile of every walker's
+    observed distance (each walker's radius is at least its observed distance, so this is a lower bound),
+    ``lower_bound`` is True and the interval is [ci_low, inf), ci_low the lower of that bound and the band's end.
+    Ties: crossings before censorings at equal distance (a
+    walker censored at r_j is at risk at r_j). Returns arrays of length G: ``value``, ``lower_bound``, ``ci_low``,
+    ``ci_high``, ``censored`` (share of the walkers with a finite distance that never crossed) and ``n`` (those
+    walkers); a row without any finite distance gives NaN everywhere and n = 0."""
     check(0 < q < 1, f"q must be in (0, 1), got {q}")
+    check(0 < level < 1, f"level must be in (0, 1), got {level}")
     r = np.asarray(distance, dtype=np.float64)
-    ok = np.isfinite(r)
-    if not ok.any():
-        return float("nan"), False
-    times, surv = kaplan_meier(r, crossed)
-    level = 1 - q
-    below = np.flatnonzero(surv <= level + 1e-12)
-    if len(below) == 0:
-        return float(np.quantile(r[ok], q)), True
-    j = int(below[0])
-    if abs(surv[j] - level) <= 1e-12 and j + 1 < len(times):
-        return float(0.5 * (times[j] + times[j + 1])), False
-    return float(times[j]), False
+    ev = np.asarray(crossed, dtype=bool)
+    check(r.shape == ev.shape, f"distance and crossed must have one shape, got {r.shape} and {ev.shape}")
+    r, ev = np.atleast_2d(r), np.atleast_2d(ev)
+    check(r.ndim == 2, f"distance must be (n,) or (G, n), got shape {r.shape}")
+    g, w = r.shape
+    finite = np.isfinite(r)
+    ev = ev & finite
+    n = finite.sum(1)
+    key = np.where(finite, r, np.inf)
+    order = np.lexsort((~ev, key), axis=-1)  # by distance, crossings first at ties
+    rs, es = np.take_along_axis(key, order, 1), np.take_along_axis(ev, order, 1)
+    at_risk = (n[:, None] - np.arange(w)).astype(np.float64)  # at sorted position p: n - p walkers left
+    # one factor per crossing: d tied crossings telescope to (1 - d/n) and to Greenwood's d / (n (n - d))
+    surv = np.cumprod(np.where(es, 1 - 1 / np.where(es, at_risk, 2.0), 1.0), 1)
+    two = np.where(es & (at_risk > 1), at_risk, 2.0)
+    var = np.cumsum(np.where(es & (at_risk > 1), 1 / (two * (two - 1)), np.where(es, np.inf, 0.0)), 1)
+    z = NormalDist().inv_cdf(0.5 + level / 2)
+    # the band on log(-log S) (se sqrt(v) / |log S|): S^exp(+-z sqrt(v) / |log S|). Where S = 0 (the last walker at
+    # risk crossed) it says nothing: lower 0, upper 1 (R: NA). Positions before any crossing (S = 1) are never used.
+    inner = (surv > 0) & (surv < 1) & np.isfinite(var)
+    log_s = np.log(np.where(inner, surv, 0.5))
+    spread = np.exp(z * np.sqrt(np.where(inner, var, 0.0)) / np.abs(log_s))
+    lo_band = np.where(inner, surv ** spread, np.where(surv >= 1, 1.0, 0.0))
+    hi_band = np.where(inner, surv ** (1 / spread), 1.0)
+    tie_next = np.zeros_like(es)
+    tie_next[:, :-1] = es[:, 1:] & (rs[:, 1:] == rs[:, :-1])
+    last = es & ~tie_next  # the last crossing at its distance: the curves there are their values at r_j
+    target, eps, rows = 1 - q, 1e-12, np.arange(g)
+
+    def first(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        hit = mask.any(1)
+        return hit, np.where(hit, mask.argmax(1), 0)
+
+    hit, j = first(last & (surv <= target + eps))
+    after = np.full_like(rs, np.inf)  # the next crossing distance after each position
+    after[:, :-1] = np.minimum.accumulate(np.where(es, rs, np.inf)[:, ::-1], 1)[:, ::-1][:, 1:]
+    t_j, t_next = rs[rows, j], after[rows, j]
+    flat = hit & (np.abs(surv[rows, j] - target) <= eps) & np.isfinite(t_next)
+    value = np.where(flat, 0.5 * (t_j + np.where(flat, t_next, 0.0)), t_j)
+    obs = np.where(finite, r, np.nan)
+    obs[n == 0] = 0.0  # no finite distance: set to NaN below (nanquantile would warn on an all-NaN row)
+    bound = np.nanquantile(obs, q, axis=1)
+    value = np.where(hit, value, bound)
+    hit_lo, j_lo = first(last & (lo_band <= target + eps))
+    hit_hi, j_hi = first(last & (hi_band <= target + eps))
+    ci_low = np.where(hit_lo, np.minimum(rs[rows, j_lo], value), value)
+    ci_high = np.where(hit_hi, rs[rows, j_hi], np.inf)
+    censored = (finite & ~ev).sum(1) / np.maximum(n, 1)
+    nan = n == 0
+    return {"value": np.where(nan, np.nan, value), "lower_bound": ~hit & ~nan, "ci_low": np.where(nan, np.nan, ci_low),
+            "ci_high": np.where(nan, np.nan, ci_high), "censored": np.where(nan, np.nan, censored), "n": n}
 
 
-def basin_radius(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> pd.DataFrame:
+def km_quantile(distance, crossed, q: float = 0.5) -> tuple[float, bool]:
+    """The q-quantile of the radius from the Kaplan-Meier curve, as :func:`km_groups` on one group of walkers: the
+    smallest crossing distance r with S(r) <= 1 - q (the midpoint to the next crossing where S equals 1 - q exactly,
+    as R's ``survfit``; without censoring the ordinary sample quantile, e.g. the median of an even count).
+
+    Returns ``(value, is_lower_bound)``. When S never falls to 1 - q (for the median: fewer than half of the walkers
+    crossed and the censored ones were not shed early) the quantile is not estimable; then the value returned is the
+    q-quantile of every walker's observed distance (crossing or censoring distance), a conservative lower bound (each
+    walker's radius is at least its observed distance), and the flag is True. NaN when no walker has a finite
+    distance."""
+    k = km_groups(np.ravel(np.asarray(distance, dtype=np.float64)), np.ravel(np.asarray(crossed, dtype=bool)), q)
+    return float(k["value"][0]), bool(k["lower_bound"][0])
+
+
+def radius_words(value: float, lower_bound: bool, censored: float, digits: int = 3) -> str:
+    """A radius in words that say what it is: ``"≥ 0.11 (100% censored)"`` for a lower bound (the walkers' median
+    was not reached: the basin is at least that wide), ``"0.031 (25% censored)"`` for a Kaplan-Meier value."""
+    if not math.isfinite(value):
+        return "—"
+    share = f" ({100 * censored:.0f}% censored)" if math.isfinite(censored) else ""
+    return ("≥ " if lower_bound else "") + f"{value:.{digits}g}" + share
+
+
+def basin_radius(result: WalkResult, deltas=(0.01, 0.1, 0.5), *, relative: bool = False) -> pd.DataFrame:
     """Per delta and walker, the radius of the basin (PHYSICS.md): the distance from the start at the first
     step where E > E0 + delta (E = +inf, a step of the plain walk into a NaN region, counts as crossing).
+    With ``relative`` the rise is a fraction of the walker's start energy: E > E0 + delta |E0| (snapshots with
+    different losses compared at the same relative rise; E0 = 0 makes any rise a crossing).
 
     Columns: delta, walker, radius (NaN when censored), step (first crossing, -1 when censored), censored,
-    censor_distance. A walker that never crosses is censored at the largest distance it reached while its
-    energy was recorded (a Langevin walker stopped by a non-finite state: up to its last finite step); a
-    walker whose start energy is not finite has no basin (censored, censor_distance NaN, left out of the
-    Kaplan-Meier estimate). Use :func:`km_quantile` on (radius or censor_distance, not censored) for the
-    median; :func:`summarize` does."""
+    censor_distance, threshold (the energy E0 + rise that counts as crossing). A walker that never crosses is
+    censored at the largest distance it reached while its energy was recorded (a Langevin walker stopped by a
+    non-finite state: up to its last finite step); a walker whose start energy is not finite has no basin (censored,
+    censor_distance NaN, left out of the Kaplan-Meier estimate). Use :func:`km_groups` / :func:`km_quantile` on
+    (radius or censor_distance, not censored) for the median; :func:`summarize` does."""
     e, d = result.energy.numpy(), result.distance.numpy()
     w = e.shape[1]
     deltas = [float(x) for x in np.atleast_1d(deltas)]
@@ -458,14 +536,15 @@ def basin_radius(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> pd.DataFrame:
     reach = np.where(recorded, d, -np.inf).max(0)  # largest distance while recorded
     start_ok = np.isfinite(e[0])
     rows = []
-    for delta in deltas:
-        above = (e > (e[0] + delta)) & start_ok  # (T+1, W); NaN compares False
+    for delta in deltas:  # a handful of thresholds; every walker at once
+        threshold = e[0] + delta * (np.abs(e[0]) if relative else 1.0)
+        above = (e > threshold) & start_ok  # (T+1, W); NaN compares False
         hit = above.any(0)
         first = np.where(hit, above.argmax(0), -1)
         radius = np.where(hit, d[np.clip(first, 0, None), np.arange(w)], np.nan)
         censor = np.where(hit | ~start_ok, np.nan, reach)
         rows.append(pd.DataFrame({"delta": delta, "walker": np.arange(w), "radius": radius, "step": first,
-                                  "censored": ~hit, "censor_distance": censor}))
+                                  "censored": ~hit, "censor_distance": censor, "threshold": threshold}))
     return pd.concat(rows, ignore_index=True)
 
 
@@ -540,14 +619,16 @@ def aging(result: WalkResult, normalized: bool = False) -> pd.DataFrame:
 
 def summarize(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> dict:
     """Headline numbers of a walk: acceptance, MSD exponent, energies, non-finite counts, and per delta the
-    Kaplan-Meier median basin radius (censored walkers kept, see :func:`basin_radius`, :func:`km_quantile`).
+    Kaplan-Meier median basin radius (censored walkers kept, see :func:`basin_radius`, :func:`km_groups`).
 
     Keys: kind, walkers, steps, acceptance, msd_alpha, energy_start / energy_end (means over the finite
     values), stopped_walkers (alive False), nonfinite (non-finite proposals, all walkers), nonfinite_walkers
     (walkers with at least one), nonfinite_end (walkers whose final energy is not finite), distance_max; per
     delta: radius_{delta}_median (the KM median, or a lower bound when ``radius_{delta}_lower_bound``),
-    radius_{delta}_lower_bound (S(r) never fell to 1/2), radius_{delta}_iqr (KM q75 - q25, NaN when either is
-    not estimable), radius_{delta}_reached (fraction of walkers that crossed); then the walk's params."""
+    radius_{delta}_lower_bound (S(r) never fell to 1/2: the basin is at least this wide), radius_{delta}_ci_low /
+    radius_{delta}_ci_high (95% Brookmeyer-Crowley interval of the median over walkers; high inf when the walks do
+    not bound it), radius_{delta}_iqr (KM q75 - q25, NaN when either is not estimable), radius_{delta}_censored
+    (share of the walkers that never crossed); then the walk's params."""
     _, _, alpha = msd(result)
     br = basin_radius(result, deltas)
     e0, e1 = result.energy[0].numpy(), result.energy[-1].numpy()
@@ -559,16 +640,17 @@ def summarize(result: WalkResult, deltas=(0.01, 0.1, 0.5)) -> dict:
            "nonfinite": int(result.nonfinite.sum()), "nonfinite_walkers": int((result.nonfinite > 0).sum()),
            "nonfinite_end": int((~np.isfinite(e1)).sum()),
            "distance_max": float(np.nanmax(result.distance.numpy()))}
-    for delta, grp in br.groupby("delta"):
-        crossed = ~grp["censored"].to_numpy()
-        obs = np.where(crossed, grp["radius"].to_numpy(), grp["censor_distance"].to_numpy())
-        med, lower = km_quantile(obs, crossed, 0.5)
-        q25, low25 = km_quantile(obs, crossed, 0.25)
-        q75, low75 = km_quantile(obs, crossed, 0.75)
-        n = int(np.isfinite(obs).sum())
-        out[f"radius_{delta:g}_median"] = med
-        out[f"radius_{delta:g}_lower_bound"] = lower
-        out[f"radius_{delta:g}_iqr"] = q75 - q25 if not (low25 or low75) else float("nan")
-        out[f"radius_{delta:g}_reached"] = float(crossed[np.isfinite(obs)].mean()) if n else float("nan")
+    w = result.n_walkers
+    crossed = ~br["censored"].to_numpy().reshape(-1, w)  # (deltas, W): rows in delta order
+    obs = np.where(crossed, br["radius"].to_numpy().reshape(-1, w), br["censor_distance"].to_numpy().reshape(-1, w))
+    med, q25, q75 = (km_groups(obs, crossed, q) for q in (0.5, 0.25, 0.75))
+    for i, delta in enumerate(br["delta"].to_numpy()[::w]):
+        out[f"radius_{delta:g}_median"] = float(med["value"][i])
+        out[f"radius_{delta:g}_lower_bound"] = bool(med["lower_bound"][i])
+        out[f"radius_{delta:g}_ci_low"] = float(med["ci_low"][i])
+        out[f"radius_{delta:g}_ci_high"] = float(med["ci_high"][i])
+        lb = q25["lower_bound"][i] or q75["lower_bound"][i]
+        out[f"radius_{delta:g}_iqr"] = float(q75["value"][i] - q25["value"][i]) if not lb else float("nan")
+        out[f"radius_{delta:g}_censored"] = float(med["censored"][i])
     out.update({k: v for k, v in result.params.items()})
     return out

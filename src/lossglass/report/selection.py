@@ -43,7 +43,11 @@ def summary(view: RunView) -> list[tuple[str, str, str]]:
         return []
     rule = d.get("strategy") or (f"flattest by {d['measure']}" if d.get("measure") else "the select stage")
     verdict = d.get("verdict")
-    meaning = f"Chosen by {rule}" + (f"; flatness {verdict} over validation accuracy on this run." if verdict else ".")
+    meaning = f"Chosen by {rule}"
+    lo, hi = (d.get("interval") or {}).get(d.get("strategy"), (float("nan"), float("nan")))
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo == lo and hi == hi:  # not NaN
+        meaning += f"; the rule's expected test accuracy on new data is {lo * 100:.1f}-{hi * 100:.1f}% (95%)"
+    meaning += f"; flatness {verdict} over validation accuracy on this run's test split." if verdict else "."
     return [("Model to ship", what(d), meaning)]
 
 

@@ -10,6 +10,7 @@ import matplotlib.ticker
 import numpy as np
 import pandas as pd
 
+from ..protocols.walk import radius_words
 from .base import PALETTE, Page, Panel, RunView, esc, finite, fmt, go_figure, text
 
 Series = dict[str, pd.DataFrame]  # one frame per walk run, keyed by its label
@@ -57,14 +58,18 @@ def summary_data(view: RunView) -> pd.DataFrame | None:
     return view.table("walk_summary")
 
 
-def radii(row: pd.Series) -> list[tuple[str, float, bool, float]]:
-    """``(delta, median radius, lower bound?, fraction of walkers that crossed)`` for each loss rise delta."""
+def radii(row: pd.Series) -> list[tuple[str, float, bool, float, float, float]]:
+    """``(delta, median radius, lower bound?, censored share, 95% interval low, high)`` for each loss rise delta (the
+    share of walkers that never crossed; a summary written before that column existed gives 1 - the share that
+    crossed, and NaN intervals)."""
     out = []
     for c in row.index:
         if str(c).startswith("radius_") and str(c).endswith("_median"):
             d = str(c)[7:-7]
-            out.append((d, row[c], bool(row.get(f"radius_{d}_lower_bound", False)),
-                        row.get(f"radius_{d}_reached", float("nan"))))
+            cens = row.get(f"radius_{d}_censored", 1 - row.get(f"radius_{d}_reached", float("nan")))
+            out.append((d, row[c], bool(row.get(f"radius_{d}_lower_bound", False)), float(cens),
+                        float(row.get(f"radius_{d}_ci_low", float("nan"))),
+                        float(row.get(f"radius_{d}_ci_high", float("nan")))))
     return out
 
 
@@ -258,12 +263,17 @@ def summary(view: RunView) -> list[tuple[str, str, str]]:
     if s is None:
         return out
     for _, row in s.iterrows():
-        for d, med, lower, reached in radii(row)[:2]:
-            value = ("≥ " if lower else "") + fmt(med) + f" ({reached * 100:.0f}% of walkers crossed)"
+        for d, med, lower, cens, lo, hi in radii(row)[:2]:
+            value = radius_words(float(med), lower, cens, digits=4)
+            if not lower and finite(lo):
+                value += f", 95% interval {lo:.3g} to " + (f"{hi:.3g}" if finite(hi) else "∞ (too few crossings to "
+                                                               "bound it above)")
             meaning = ("Kaplan–Meier median distance from the start at which the training loss first rises by "
-                       f"{d} nats (walkers that never rose are kept, censored at their largest distance).")
+                       f"{d} nats (walkers that never rose are kept, censored at their largest distance; the share "
+                       "censored is given).")
             if lower:
-                meaning += " Fewer than half the walkers crossed: the basin is at least this wide (a lower bound)."
+                meaning += (" Fewer than half the walkers crossed: the basin is at least this wide (a lower bound, not "
+                            "a measured radius).")
             out.append((f"Basin radius ({row['label']}, loss rise {d})", value, meaning))
         out.append((f"MSD exponent ({row['label']})", fmt(row["msd_alpha"]),
                     "1 = free diffusion; below 1 = walkers confined by the landscape."))
@@ -293,12 +303,15 @@ def overlay_traces(view: RunView, color: str, prefix: str) -> dict[str, list]:
 
 
 def overview(view: RunView) -> dict:
-    """The basin radius of the first walk run at the smallest loss rise: value, whether a lower bound, delta."""
+    """The basin radius of the first walk run at the smallest loss rise: value, whether a lower bound, the share of
+    walkers censored, and the words ("≥ 0.5 (100% censored, ΔE 0.01)")."""
     s = summary_data(view)
     if s is None or not len(s):
         return {}
     rs = radii(s.iloc[0])
     if not rs or not finite(rs[0][1]):
         return {}
-    d, med, lower, _ = rs[0]
-    return {"radius": float(med), "radius_text": ("≥ " if lower else "") + f"{med:.3g} (ΔE {d})"}
+    d, med, lower, cens, _, _ = rs[0]
+    words = radius_words(float(med), lower, cens)
+    return {"radius": float(med), "radius_lower_bound": lower, "radius_censored": cens,
+            "radius_text": words[:-1] + f", ΔE {d})" if words.endswith(")") else words + f" (ΔE {d})"}

@@ -34,11 +34,12 @@ class ReferenceStage(Stage):
         e = minima.energy
         if len(minima.distinct) >= 4:
             row = analyse(ctx, minima.q_distinct, f"pspin{c.p}", system=f"{c.p}-spin descent minima (threshold states)",
-                          symmetric=c.p % 2 == 0, summary=summary, pq_rows=pq_rows)
+                          symmetric=c.p % 2 == 0, kind="threshold", summary=summary, pq_rows=pq_rows)
             row.update(energy_mean=float(e.mean()), energy_min=float(e.min()), n_spins=c.n_spins,
                        descent_runs=len(minima.q), distinct_minima=len(minima.distinct))
         q, energy = ref.convex_control(c.n_spins, replicas=c.replicas, seed=seed)
-        row = analyse(ctx, q, "convex-control", system="convex control (one well)", summary=summary, pq_rows=pq_rows)
+        row = analyse(ctx, q, "convex-control", system="convex control (one well)", kind="control",
+                      summary=summary, pq_rows=pq_rows)
         row["energy_mean"] = energy
         ctx.store.write_table("reference_summary", pd.DataFrame(summary))
         ctx.store.write_table("reference_pq", pd.concat(pq_rows, ignore_index=True))
@@ -70,7 +71,7 @@ class ReferenceStage(Stage):
             for idx in (lo, hi):
                 pooled.setdefault(idx, []).append(overlap_samples(res, idx).ravel())
             row = analyse(ctx, overlap_matrix(res, lo), f"sk-{j}", system=f"SK sample {j} (T = {t_low:g}, equilibrium)",
-                          symmetric=True, tree=j == 0, summary=summary)
+                          symmetric=True, tree=j == 0, kind="equilibrium", summary=summary)
             qs = pooled[lo][-1]
             row.update(temperature=t_low, energy_mean=float(tab["E_mean"][lo]), disorder=j,
                        abs_q_mean=float(np.abs(qs).mean()), frac_abs_q_below_0_3=float(np.mean(np.abs(qs) < 0.3)),

@@ -17,12 +17,13 @@ def write_analysis(store, a: ReplicaAnalysis) -> None:
 
 
 def analyse(ctx, q, label: str, *, system: str | None = None, symmetric: bool = False, tree: bool = True,
-            summary: list | None = None, pq_rows: list | None = None) -> dict:
+            kind: str = "states", summary: list | None = None, pq_rows: list | None = None) -> dict:
     """One system through :func:`analyse_overlaps` with the study's settings; its tables written, its summary row
-    appended to ``summary`` and its overlaps to ``pq_rows``. Returns the row."""
+    appended to ``summary`` and its overlaps to ``pq_rows``; ``kind`` says what the states are, for the sentence
+    (:data:`lossglass.protocols.replicas.STATE_KINDS`). Returns the row."""
     c = ctx.cfg.replicas
     a = analyse_overlaps(q, label=label, system=system, method=c.method, max_triangles=c.max_triangles,
-                         seed=ctx.cfg.seed, alpha=c.alpha, symmetric=symmetric, tree=tree)
+                         seed=ctx.cfg.seed, alpha=c.alpha, symmetric=symmetric, tree=tree, kind=kind)
     write_analysis(ctx.store, a)
     if pq_rows is not None:
         pq_rows.append(pd.DataFrame({"label": system or label, "q": a.pq}))
