@@ -16,7 +16,7 @@ ray = pytest.importorskip("ray")
 
 @pytest.fixture(scope="module")
 def ray_head():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"LOSSGLASS_FAIL_ONCE": os.environ.get("LOSSGLASS_FAIL_ONCE", "")}})
     yield
     ray.shutdown()
@@ -38,7 +38,7 @@ def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head
     # the first training task kills its worker process once; Ray retries it on a fresh worker
     ray.shutdown()
     monkeypatch.setenv("LOSSGLASS_FAIL_ONCE", str(marker_dir))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              runtime_env={"env_vars": {"LOSSGLASS_FAIL_ONCE": str(marker_dir)}})
     remote = _run(tmp_path, "ray", RayExecutor())
     assert (marker_dir / "failed-train-0-0").exists(), "the injected failure did not happen"

@@ -57,3 +57,17 @@ def check_finite(theta: torch.Tensor, name: str = "theta") -> None:
     if bad.any():
         rows = torch.nonzero(bad).flatten().tolist()
         raise LossglassError(f"{name} holds NaN or inf values (rows {rows[:10]}{'...' if len(rows) > 10 else ''})")
+
+
+def finite_number(v) -> float | None:
+    """``v`` as a finite float when it is a JSON number that has one (not a bool, NaN, inf, a string or an integer of
+    400 digits), else None: what a record read from a run folder may be trusted to hold."""
+    import math
+
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None

@@ -178,16 +178,10 @@ def _short(v, n: int = 200) -> str:
 
 
 def _finite(v) -> float | None:
-    """``v`` as a finite float when it is a JSON number that has one (not a bool, NaN, or an integer of 400 digits)."""
-    import math
+    """``v`` as a finite float when it is a JSON number that has one (:func:`lossglass._util.finite_number`)."""
+    from ._util import finite_number
 
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
+    return finite_number(v)
 
 
 def _numbers(table, column: str, source) -> pd.Series:  # noqa: F821 - pandas is imported lazily

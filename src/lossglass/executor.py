@@ -59,7 +59,7 @@ class RayExecutor:
             local = address in (None, "local")
             start = {"include_dashboard": include_dashboard} if local else {}
             try:
-                ray.init(address=None if local else address, ignore_reinit_error=True,
+                ray.init(address="local" if local else address, ignore_reinit_error=True,
                          log_to_driver=False, runtime_env={"env_vars": env} if env else None, **start)
             except (ConnectionError, RuntimeError, ValueError) as e:
                 raise LossglassError(f"could not connect to a Ray cluster at {address!r}: {e}") from None

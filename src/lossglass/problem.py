@@ -291,14 +291,7 @@ class Problem(Energy):
                                           type(params).__name__)
         elif self.batchnorm == "module":
             params = self.fold_statistics(params, params, "the state dict")
-        missing = [p.name for p in self.layout if p.name not in params]
-        check(not missing, f"parameters missing: {missing}")
-        parts = []
-        for p in self.layout:
-            t = params[p.name]
-            check(tuple(t.shape) == p.shape, f"parameter {p.name!r} has shape {tuple(t.shape)}, expected {p.shape}")
-            parts.append(t.detach().reshape(-1).to(self.device, self.dtype))
-        return torch.cat(parts)
+        return self.layout.flatten(params).to(self.device, self.dtype)
 
     def init(self, n_replicas: int, seed: int = 0, *, ids=None) -> torch.Tensor:
         """``(K, P)`` initial parameters: replica k gets the model's own initialisation (``reset_parameters``)

@@ -7,12 +7,12 @@ beyond that) is a run marked "damaged" with one line saying why, and neither eve
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+from .._util import finite_number
 from ..errors import LossglassError, check
 from ..report import selection
 from ..report.base import PALETTE, RunView, finite, layers
@@ -197,13 +197,7 @@ def _data(cfg: dict) -> str:
 
 def _number(v: Any) -> float | None:
     """A finite number from a run folder's record, else None (NaN or a string would break the page's JSON)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
+    return finite_number(v)
 
 
 def _text(v: Any, n: int = 200) -> str:

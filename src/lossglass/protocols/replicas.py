@@ -591,11 +591,12 @@ def _top_partition(d: np.ndarray) -> np.ndarray:
 
 
 def _fisher(p: np.ndarray) -> float:
-    """Fisher's combination of independent p-values: P(chi^2_(2n) >= -2 sum log p) (Fisher 1925)."""
-    from scipy.stats import chi2
+    """Fisher's combination of independent p-values: P(chi^2_(2n) >= -2 sum log p) (Fisher 1925), by
+    ``scipy.stats.combine_pvalues``."""
+    from scipy.stats import combine_pvalues
 
     p = np.asarray(p, dtype=np.float64)
-    return float(chi2.sf(-2 * np.log(p).sum(), 2 * len(p))) if len(p) else float("nan")
+    return float(combine_pvalues(p, method="fisher").pvalue) if len(p) else float("nan")
 
 
 def _centroid_distances(d: np.ndarray, labels: np.ndarray, norms: str, symmetric: bool) -> np.ndarray:

@@ -98,7 +98,7 @@ def ray_directions(problem: Problem, start: torch.Tensor, normalize: str | None,
     norm of the same row of start, Li et al. 2018; a 1-D tensor is one row) or per tensor (``"layer"``). Row i's
     direction comes from its own generator seeded from (seed, stream, i)."""
     xi = torch.empty(start.shape, dtype=start.dtype)
-    W._randn_into(generators(seed, range(start.shape[0]), stream=stream), xi)
+    W.randn_into(generators(seed, range(start.shape[0]), stream=stream), xi)
     xi = xi.to(start.device)
     if normalize is None:
         return xi * (start.norm(dim=1, keepdim=True) / xi.norm(dim=1, keepdim=True).clamp_min(1e-30))

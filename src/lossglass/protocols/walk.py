@@ -152,7 +152,7 @@ def _executor(n: int) -> ThreadPoolExecutor:
     return _pool
 
 
-def _randn_into(gens: list[torch.Generator], out: torch.Tensor) -> torch.Tensor:
+def randn_into(gens: list[torch.Generator], out: torch.Tensor) -> torch.Tensor:
     """Row i of ``out`` ``(W, P)`` <- a standard normal vector from generator i (the same numbers as one
     ``torch.randn(P, generator=gens[i])`` call, so walker i's stream does not depend on W). Written in place: no
     stacked copy; with several threads the walkers' rows are drawn in parallel (each generator is used by one thread,
@@ -342,7 +342,7 @@ def random_walk(problem: Problem, start, *, n_walkers: int = 1, steps: int = 100
     buf = torch.empty(w, problem.n_params, dtype=dt)
 
     def propose(theta, state):
-        xi = _randn_into(noise, buf).to(dev)
+        xi = randn_into(noise, buf).to(dev)
         new = problem.project(theta + xi.mul_(scale))  # xi is scratch: scaled in place (same bits as scale * xi)
         ev = problem.evaluate(new, "train")
         if temperature is None:
@@ -384,7 +384,7 @@ def langevin(problem: Problem, start, *, temperature: float, lr: float, steps: i
 
     def propose(theta, state):
         _, g = problem.energy_and_grad(theta)
-        xi = _randn_into(noise, buf).to(dev)
+        xi = randn_into(noise, buf).to(dev)
         new = problem.project(theta - lr * g + amp * xi)
         ev = problem.evaluate(new, "train")
         return new, ev["loss"], ev["accuracy"], torch.ones(w, dtype=torch.bool, device=dev)
