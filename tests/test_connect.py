@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -161,6 +162,14 @@ def test_permutation_and_pair_barriers_tables(tiny):
     df, naive, aligned = lg.pair_barriers(tiny, reps.theta, pairs=2)
     assert len(df) == 2 and (df["distance_aligned"] <= df["distance_naive"] + 1e-9).all()
     assert width_barrier_fit([16, 64, 256], [0.4, 0.2, 0.1])["beta"] == pytest.approx(0.5)
+    from lossglass.stages.connect import width_fit_table
+
+    # the connect stage's table: means per width first (two pairs per width), then the fit; a zero barrier is left out
+    wb = pd.DataFrame({"width": [16, 16, 64, 64, 256, 256, 1024], "barrier_aligned": [0.3, 0.5, 0.1, 0.3, 0.1, 0.1, 0.0]})
+    t = width_fit_table(wb)
+    assert t["beta"].iloc[0] == pytest.approx(0.5) and t["c"].iloc[0] == pytest.approx(1.6)
+    assert (t["n_widths"].iloc[0], t["width_min"].iloc[0], t["width_max"].iloc[0]) == (3, 16, 1024)
+    assert width_fit_table(pd.DataFrame({"width": [8]})) is None
 
 
 def test_bad_symmetry_inputs(tiny, deep, teacher_ds):

@@ -74,8 +74,8 @@ def test_full_study_writes_every_table_and_a_report(tmp_path, capsys):
     assert main(["run", str(_cfg(tmp_path)), "--out", str(out), "--quiet"]) == 0
     store = lg.RunStore(out, create=False)
     for t in ("replicas", "walk", "walk_summary", "walk_msd", "walk_aging", "perm_barriers", "pair_barriers", "paths",
-              "plane_random", "plane_through", "width_barriers", "replica_summary", "pq", "flatness", "kendall",
-              "spectral_density", "reference_energies"):
+              "plane_random", "plane_through", "width_barriers", "width_barrier_fit", "replica_summary", "pq",
+              "flatness", "kendall", "spectral_density", "reference_energies"):
         assert store.has_table(t), t
         assert len(pd.read_parquet(store.table_path(t))) > 0, t
     summary = store.read_table("replica_summary")

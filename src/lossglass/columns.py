@@ -263,6 +263,10 @@ TABLES: dict[str, dict[str, str]] = {
                        "barrier_test_naive": "naive test barrier", "barrier_test_aligned": "aligned test barrier",
                        "distance_naive": "|B - A|", "distance_aligned": "|aligned B - A|",
                        "test_accuracy": "mean test accuracy of the width's replicas"},
+    "width_barrier_fit": {"beta": "fitted exponent of the mean aligned barrier ~ c m^(-beta) (NaN with fewer than 2 "
+                          "positive barriers; theory for two-layer ReLU networks: 1/2)", "c": "fitted prefactor c",
+                          "n_widths": "widths with a positive aligned barrier used by the fit",
+                          "width_min": "smallest width", "width_max": "largest width"},
 }
 
 

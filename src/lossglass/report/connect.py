@@ -109,7 +109,7 @@ def plane_data(view: RunView, name: str) -> PlaneData | None:
 
 def width_data(view: RunView) -> tuple[pd.DataFrame, dict] | None:
     """Mean barriers per width, and the fitted exponent of the aligned barrier ~ m^(-beta): read from the table
-    ``width_barrier_fit`` when the study wrote one."""
+    ``width_barrier_fit`` that the connect stage writes (made here for older folders)."""
     wb = view.table("width_barriers")
     if wb is None or not len(wb) or "barrier_aligned" not in wb:
         return None
@@ -117,10 +117,11 @@ def width_data(view: RunView) -> tuple[pd.DataFrame, dict] | None:
     fit_t = view.table("width_barrier_fit")
     if fit_t is not None and len(fit_t) and "beta" in fit_t:
         fit = {"beta": float(fit_t["beta"].iloc[0]), "c": float(fit_t["c"].iloc[0]) if "c" in fit_t else float("nan")}
-    else:  # older runs: the fit is made here until the study saves it with the table
-        from ..protocols.connect import width_barrier_fit
+    else:  # run folders written before the connect stage saved its fit
+        from ..stages.connect import width_fit_table
 
-        fit = width_barrier_fit(g.index, g["barrier_aligned"])
+        t = width_fit_table(wb)
+        fit = {"beta": float(t["beta"].iloc[0]), "c": float(t["c"].iloc[0])}
     return g, fit
 
 

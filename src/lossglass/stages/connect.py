@@ -161,6 +161,21 @@ class WidthTask(ConnectTask):
         return TaskOutput().table(ctx.name, pd.DataFrame(rows, columns=None if rows else ["width"]))
 
 
+def width_fit_table(widths: pd.DataFrame) -> pd.DataFrame | None:
+    """One row: the aligned barrier's mean per width fitted as barrier ~ c m^(-beta) on log-log axes
+    (:func:`lossglass.protocols.connect.width_barrier_fit`; Zhan, Li & Wu 2025 predict beta = 1/2 for two-layer ReLU
+    networks), with the widths it used. None when the table has no aligned barriers."""
+    from ..protocols.connect import width_barrier_fit
+
+    if not len(widths) or "barrier_aligned" not in widths:
+        return None
+    g = widths.groupby("width")["barrier_aligned"].mean()
+    fit = width_barrier_fit(g.index, g.to_numpy())
+    used = int(((g > 0) & g.notna()).sum())
+    return pd.DataFrame({"beta": [fit["beta"]], "c": [fit["c"]], "n_widths": [used],
+                         "width_min": [int(g.index.min())], "width_max": [int(g.index.max())]})
+
+
 #: the table each kind of piece feeds
 TABLES = {"perm": "perm_barriers", "pair": "pair_barriers", "plane_random": "plane_random",
           "plane_through": "plane_through", "width": "width_barriers"}
@@ -223,6 +238,9 @@ class ConnectStage(Stage):
             for w, g in pd.concat(got["width"]).groupby("width"):
                 ctx.log(f"width {w}: aligned barrier {g['barrier_aligned'].mean():.4f}, naive "
                         f"{g['barrier_naive'].mean():.4f}")
+            fit = width_fit_table(pd.concat(got["width"], ignore_index=True))
+            if fit is not None:
+                store.write_table("width_barrier_fit", fit)
         return {"tasks": len(tasks), "executor": ctx.executor.name}
 
     def estimate(self, cfg, sizes, est) -> None:
