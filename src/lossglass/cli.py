@@ -303,6 +303,54 @@ def cmd_select(a) -> int:
     return 0
 
 
+def cmd_examples(a) -> int:
+    """The misjudged test cases of a run: runs the examples stage when it has not run (or with ``--redo``), then
+    prints the ``--top`` hardest cases and the cases the clusters disagree on most, or writes them as CSV."""
+    import pandas as pd
+
+    from .stages.examples import top_examples
+
+    check(a.top >= 1, f"--top must be at least 1, got {a.top}")
+    for item in a.set:
+        key = item.split("=", 1)[0].strip()
+        check(key.split(".")[0] == "examples", f"--set {key}: 'lossglass examples' changes only examples.* options")
+    check(a.format in (None, *EXPORT_FORMATS), f"--format must be one of: {', '.join(EXPORT_FORMATS)}")
+    run = Path(a.run)
+    store = _run_store(run)
+    if a.redo or not store.stage_done("examples") or not store.has_table("examples"):
+        import contextlib
+
+        with store.writer(), contextlib.redirect_stdout(sys.stderr):  # stdout carries the table (or the CSV) only
+            cfg = _load_run_config(store, trust=a.trust_config, overrides=a.set)
+            _stage(a, run, cfg)
+    check(store.has_table("examples"), f"{run}: the examples stage wrote no table (see 'lossglass info {run}')")
+    top = top_examples(store.read_table("examples"), a.top)
+    if a.format == "csv":
+        if a.out:
+            Path(a.out).write_text(top.to_csv(index=False))
+            print(f"wrote {a.out}")
+        else:
+            print(top.to_csv(index=False), end="")
+        return 0
+    cols = ["rank", "example", "label", "majority", "error_share", "vote_entropy", "loss_mean", "cluster_spread"]
+    if "source_index" in top and (top["source_index"] >= 0).any():
+        cols.insert(2, "source_index")
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        for kind in ("hardest", "clusters disagree"):
+            rows = top[top["kind"] == kind]
+            print(f"{kind}: {len(rows)} test cases" + (" (by the share of replicas wrong, then mean loss)"
+                                                        if kind == "hardest" else " (by the spread of the clusters' "
+                                                        "error rates)"))
+            if len(rows):
+                print(rows[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    d = store.read_json("examples.json", {})
+    if isinstance(d, dict) and d.get("disagreement"):
+        print(d["disagreement"])
+        if d.get("cost_words"):
+            print(d["cost_words"])
+    return 0
+
+
 def cmd_import(a) -> int:
     import hashlib
 
@@ -432,6 +480,17 @@ def parser() -> argparse.ArgumentParser:
         common(s)
         s.set_defaults(fn=cmd_stage)
 
+    ex = sub.add_parser("examples", help="where the replicas disagree: the misjudged test cases (runs the examples "
+                        "stage on an existing run folder if needed)")
+    ex.add_argument("run", help="run folder")
+    ex.add_argument("--top", type=int, default=10, help="how many cases of each kind (default 10)")
+    ex.add_argument("--format", default=None, help=f"print as one of: {', '.join(EXPORT_FORMATS)} (default: a table)")
+    ex.add_argument("--out", help="with --format csv: the file to write (default: standard output)")
+    ex.add_argument("--redo", action="store_true", help="recompute the examples stage even if it is done")
+    ex.add_argument("--no-report", action="store_true", help="do not rebuild report.html after running the stage")
+    ex.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
+    common(ex)
+    ex.set_defaults(fn=cmd_examples)
     sel = sub.add_parser("select", help="which replica to ship: strategies graded on the untouched test split")
     sel.add_argument("run")
     sel.add_argument("--strategy", default=None, help="the strategy whose choice is exported (default: the config's)")

@@ -267,6 +267,23 @@ class SelectConfig(_Section):
                                         "the replicas, at least 3); the pick's test accuracy is averaged over sub-pools.")
 
 
+class ExamplesConfig(_Section):
+    """Where the replicas disagree: per-example errors, churn, clusters' mistakes, robustness under input shifts."""
+
+    enabled: bool = _f(False, "Run this stage (after select; forward passes of the replicas over the test split: "
+                       "15-40 s on the quickstart and flatness presets on 2 CPU cores). 'lossglass examples RUN' "
+                       "runs it on an existing run.")
+    top: PositiveInt = _f(16, "Hardest test examples (and examples the clusters disagree on most) shown in the report.")
+    corruptions: list[Literal["noise", "blur", "contrast", "shift", "rotate", "tokens"]] | None = _f(
+        None, "Input shifts to grade robustness on (default: every one that applies to the data: images noise, blur, "
+        "contrast, shift, rotate; token sequences tokens; other inputs noise), each at three seeded severities.")
+    n_boot: int = _f(1000, "Bootstrap draws (and Mantel permutations) of the rank correlations.", ge=100)
+    barrier_pairs: int = _f(0, "Replica pairs (seeded, at random) whose aligned loss barrier this stage measures itself, "
+                            "on barrier_n_data training samples, so that churn is ranked against the barrier on enough "
+                            "pairs; 0: the connect stage's pairs only (a few).", ge=0)
+    barrier_n_data: PositiveInt | None = _f(2000, "Training samples of those barriers (None: all).")
+
+
 class ReferenceConfig(_Section):
     """Reference landscapes through the same replica pipeline: a true spin glass and a convex control."""
 
@@ -311,6 +328,7 @@ class StudyConfig(_Section):
     replicas: ReplicasConfig = ReplicasConfig()
     curvature: CurvatureConfig = CurvatureConfig()
     select: SelectConfig = SelectConfig()
+    examples: ExamplesConfig = ExamplesConfig()
     reference: ReferenceConfig = ReferenceConfig()
 
     @field_validator("name")

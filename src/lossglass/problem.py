@@ -386,6 +386,30 @@ class Problem(Energy):
         res = {"loss": (loss_sum / max(n, 1)).to(self.dtype), "accuracy": (correct / max(n, 1)).to(self.dtype)}
         return {k_: v[0] for k_, v in res.items()} if single else res
 
+    def predictions(self, theta: torch.Tensor, split: str = "test", *, x: torch.Tensor | None = None,
+                    y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Per-example predicted class and loss of K replicas: ``{"prediction": (K, N) int64, "loss": (K, N)}`` on a
+        split, or on inputs ``x`` with labels ``y`` (e.g. corrupted test inputs), computed in chunks as
+        :meth:`evaluate` does (same BatchNorm statistics), so ``loss.mean(1)`` and ``(prediction == y).mean(1)`` are
+        :meth:`evaluate`'s loss and accuracy. Rows of one theta come back as ``(N,)``."""
+        theta, single = self._prepare(theta)
+        k = theta.shape[0]
+        if x is None:
+            x, y = self.data[choice("split", split, tuple(self.data))]
+        check(y is not None and len(x) == len(y), "predictions on given inputs need one label per input (y)")
+        x, y = x.to(self.device, self.dtype), y.to(self.device)
+        stats = self.evaluation_statistics(theta)
+        preds, losses = [], []
+        with torch.no_grad():
+            for xb, yb in self.bn_policy.chunks(x, y, self.chunk_size(k)):
+                out = self._chunk_forward(theta, xb, stats)
+                losses.append(self._loss(out, yb))
+                preds.append(out.contiguous().argmax(-1))
+        pred = torch.cat(preds, 1) if preds else torch.zeros(k, 0, dtype=torch.long, device=self.device)
+        loss = torch.cat(losses, 1) if losses else torch.zeros(k, 0, dtype=self.dtype, device=self.device)
+        res = {"prediction": pred.cpu(), "loss": loss.cpu()}
+        return {k_: v[0] for k_, v in res.items()} if single else res
+
     def energy_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(E, grad E)`` over the whole training set, accumulated chunk by chunk: the exact derivative of
         :meth:`energy` (for BatchNorm in recompute mode over several chunks, see

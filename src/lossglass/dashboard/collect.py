@@ -31,7 +31,7 @@ COLUMNS = (("name", "run", False), ("status", "status", False), ("model", "model
            ("replicas", "replicas", True), ("acc_best", "test acc. best %", True),
            ("acc_median", "test acc. median %", True), ("radius", "basin radius (≥: lower bound)", True),
            ("radius_censored", "radius censored %", True), ("barrier_aligned", "aligned barrier", True),
-           ("verdict", "ultrametricity", False),
+           ("verdict", "ultrametricity", False), ("disagree", "test cases replicas disagree on %", True),
            ("predictor", "best flatness predictor", False), ("ship", "model to ship", False))
 
 #: the side-by-side overlays: key, title, x axis, y axis (log?), caption
@@ -46,6 +46,8 @@ OVERLAYS = (
      "Flattest (solid) and sharpest (dashed) replica of each run."),
     ("flatness", "Flatness against the generalisation gap", ("", False), ("generalisation gap (%)", False),
      "One point per replica, coloured by run; choose the flatness measure above."),
+    ("robustness", "Accuracy under input shifts", ("input shift and severity", False), ("test accuracy (%)", False),
+     "Mean test accuracy of each run's replicas (solid) and merged model (dashed) on test inputs shifted in code."),
 )
 
 #: files whose change means new results (progress.json changes often and is read on its own)
@@ -229,7 +231,8 @@ def overview_row(view: RunView, run_status: str) -> dict[str, dict]:
            "radius": _cell(o.get("radius_text", ""), o.get("radius")),
            "radius_censored": _cell(format(100 * o["radius_censored"], ".0f"), 100 * o["radius_censored"])
            if finite(o.get("radius_censored")) else _cell("", None), "barrier_aligned": num("barrier_aligned", ".4g"),
-           "verdict": _cell(o.get("verdict", "")), "predictor": _cell(o.get("predictor", ""), o.get("predictor_tau")),
+           "verdict": _cell(o.get("verdict", "")), "disagree": num("disagree", ".1f"),
+           "predictor": _cell(o.get("predictor", ""), o.get("predictor_tau")),
            "ship": _cell(o.get("ship", ""))}
     for k, c in row.items():
         if c["v"] is None:
