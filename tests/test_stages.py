@@ -13,11 +13,12 @@ from lossglass.stages import REGISTRY, STAGE_ORDER, dependencies, dependents, st
 
 
 def test_run_order_and_dependencies_come_from_the_registry():
-    assert STAGE_ORDER == ("train", "timeline", "walk", "connect", "replicas", "curvature", "select", "reference",
-                           "report")
+    assert STAGE_ORDER == ("train", "timeline", "walk", "connect", "replicas", "curvature", "select", "examples",
+                           "reference", "report")
     for i, st in enumerate(REGISTRY):
         assert all(STAGE_ORDER.index(d) < i for d in st.depends), f"{st.name} depends on a later stage"
-    assert dependents("train") == {"train", "timeline", "walk", "connect", "replicas", "curvature", "select"}
+    assert dependents("train") == {"train", "timeline", "walk", "connect", "replicas", "curvature", "select",
+                                   "examples"}
     assert dependencies("select") == {"select", "train", "curvature"}
     with pytest.raises(Exception, match="unknown stage 'walks'"):
         stage("walks")
