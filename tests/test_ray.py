@@ -71,3 +71,24 @@ def test_finished_tasks_are_not_recomputed(tmp_path):
     study.run(("train",))
     assert study.store.read_tensors("replicas")["theta"].shape[0] == 6
     assert not path.exists()  # task files are gathered, then removed
+
+
+def test_gpus_are_asked_for_only_when_the_device_may_use_them_and_the_cluster_has_them():
+    from types import SimpleNamespace
+
+    from lossglass.errors import LossglassError
+    from lossglass.executor import RayExecutor
+
+    ex = RayExecutor.__new__(RayExecutor)  # no Ray started: gpus_for reads the cluster's resources only
+    ex.gpus_per_task = 0.25
+    ex.ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0, "GPU": 2.0})
+    assert (ex.gpus_for("cpu"), ex.gpus_for("auto"), ex.gpus_for("cuda"), ex.gpus_for("cuda:0")) == (0, .25, .25, .25)
+    with pytest.raises(LossglassError, match="cuda:0"):
+        ex.gpus_for("cuda:1")
+    ex.ray = SimpleNamespace(cluster_resources=lambda: {"CPU": 8.0})
+    assert ex.gpus_for("auto") == 0 and ex.gpus_for("cpu") == 0
+    with pytest.raises(LossglassError, match="no GPUs"):
+        ex.gpus_for("cuda")
+    for bad in (0, -1, 1.5, "1"):
+        with pytest.raises(LossglassError, match="gpus_per_task"):
+            RayExecutor(gpus_per_task=bad)

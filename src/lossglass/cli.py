@@ -93,7 +93,7 @@ def cmd_run(a) -> int:
            else load_config(preset=a.preset, overrides=a.set))
     out = Path(a.out) if a.out else Path("runs") / cfg.name
     stages = _stages_arg(a.stages)
-    executor = make_executor(a.executor, a.address, ray_dashboard=a.ray_dashboard)
+    executor = make_executor(a.executor, a.address, ray_dashboard=a.ray_dashboard, gpus_per_task=a.gpus_per_task)
     store = Study(cfg, out, progress=not a.quiet, executor=executor).run(stages, force=a.force)
     print(f"run folder: {store.path}")
     if (store.path / "report.html").exists():
@@ -454,6 +454,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="Ray cluster address (HOST:PORT or auto); default: start a local instance")
     r.add_argument("--ray-dashboard", action="store_true",
                    help="start the local Ray instance with Ray's dashboard (off by default: a study does not need it)")
+    r.add_argument("--gpus-per-task", type=float, default=1.0,
+                   help="ray: GPUs each task asks for when the device is not cpu and the cluster has GPUs (1: one "
+                        "task per GPU; 0.5: two per GPU)")
     r.add_argument("--device", help="cpu, cuda or auto (overrides the config's device)")
     r.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     common(r)

@@ -45,6 +45,8 @@ class TaskOutput:
     Bytes travel through any executor (a Ray object, a pickle) and need no shared disk."""
 
     files: list[tuple[str, bytes]] = field(default_factory=list)
+    #: the torch device the task computed on (set by :func:`run_task`; not a file)
+    device: str = ""
 
     def table(self, name: str, df: pd.DataFrame) -> TaskOutput:
         self.files.append((f"tables/{name}.parquet", table_bytes(df)))
@@ -97,6 +99,10 @@ class TaskEnv:
     progress: bool
     run_path: str
     inputs: dict[str, Any] = field(default_factory=dict)
+    #: a checkpoint relay (:class:`lossglass.executor.CheckpointRelay` handle) when tasks run where the run folder
+    #: cannot be written (Ray): checkpoints then go to node-local scratch and their bytes to the driver; None: the
+    #: task checkpoints into the run folder itself (the local executor)
+    relay: Any = None
 
 
 class TaskContext:
@@ -111,6 +117,7 @@ class TaskContext:
         self.progress = env.progress
         self.name = task.name(env.tag)
         self._problem: Problem | None = None
+        self._shipper = None
 
     @property
     def problem(self) -> Problem:
@@ -126,12 +133,32 @@ class TaskContext:
         return self.env.inputs[key]
 
     def checkpoint(self) -> Path:
-        """The file this task checkpoints to (the driver reserved it in the run folder's manifest)."""
-        from ..store import RunStore
+        """The file this task checkpoints to.
 
-        path = RunStore(self.env.run_path, create=False).resolve(checkpoint_name(self.env.tag, self.task))
-        path.parent.mkdir(exist_ok=True)
-        return path
+        Local executor (no relay): the file in the run folder that the driver reserved in its manifest. With a
+        relay (Ray, no shared disk needed): a file in node-local scratch, first filled with the newest checkpoint
+        the driver holds for this task (a retried task resumes from it, on any node), and watched: each new version
+        the task writes is shipped to the driver, which writes it into the run folder (see
+        :class:`lossglass.executor.CheckpointRelay`)."""
+        rel = checkpoint_name(self.env.tag, self.task)
+        if self.env.relay is None:
+            from ..store import RunStore
+
+            path = RunStore(self.env.run_path, create=False).resolve(rel)
+            path.parent.mkdir(exist_ok=True)
+            return path
+        if self._shipper is None:
+            from ..executor import CheckpointShipper
+
+            self._shipper = CheckpointShipper(self.env.relay, rel)
+        return self._shipper.path
+
+    def close(self, failed: bool = False) -> None:
+        """Stop shipping checkpoints (``failed``: after shipping the newest, for the retry) and remove this task's
+        node-local scratch (nothing to do without a relay)."""
+        if self._shipper is not None:
+            self._shipper.close(ship=failed)
+            self._shipper = None
 
 
 def checkpoint_name(tag: str, task: Task) -> str:
@@ -140,7 +167,15 @@ def checkpoint_name(tag: str, task: Task) -> str:
 
 def run_task(env: TaskEnv, task: Task) -> TaskOutput:
     """Run one task (in this process or on a worker): the function every executor calls."""
-    return task.run(TaskContext(env, task))
+    ctx = TaskContext(env, task)
+    try:
+        out = task.run(ctx)
+    except BaseException:
+        ctx.close(failed=True)
+        raise
+    ctx.close()
+    out.device = str(ctx._problem.device) if ctx._problem is not None else "cpu"
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ stages
@@ -281,5 +316,35 @@ class StageContext:
                 if len(todo) > 1 and self.executor.name == "local":
                     self.note(f"{what}: task {done[0]}/{len(todo)} done")
 
-            self.executor.run(env, [t for t, _ in todo], before=before, after=after)
+            kw = {}
+            if getattr(self.executor, "relays_checkpoints", False):  # tasks that cannot write the run folder
+                kw["checkpoints"] = (self.read_checkpoint, self.write_checkpoint)
+            self.executor.run(env, [t for t, _ in todo], before=before, after=after, **kw)
+            placed = getattr(self.executor, "placements", None)
+            if placed:  # where each task ran (Ray): node, GPUs, device
+                from ..store import json_bytes
+
+                self.store.write_bytes(f"placement/{stage.name}.json", json_bytes(
+                    {"executor": self.executor.name, "tasks": sorted(placed, key=lambda p: p["task"]),
+                     "checkpoints": getattr(self.executor, "relay_stats", {})}))
         return names
+
+    def read_checkpoint(self, rel: str) -> bytes | None:
+        """The bytes of the newest checkpoint ``rel`` in the run folder (``NAME``, else ``NAME.prev``), None when
+        there is none: what a task resumed elsewhere starts from (it validates them itself)."""
+        for p in (self.store.resolve(rel), previous(self.store.resolve(rel))):
+            if p.is_file():
+                return p.read_bytes()
+        return None
+
+    def write_checkpoint(self, rel: str, data: bytes) -> None:
+        """Write checkpoint bytes a task shipped (``rel``: reserved in the manifest by ``before``) as
+        :func:`lossglass.checkpoint.save` does: the file replaced is kept as ``NAME.prev``, the write is atomic."""
+        import os
+
+        from ..store import atomic_write_bytes
+
+        path = self.store.resolve(rel)
+        if path.exists():
+            os.replace(path, previous(path))
+        atomic_write_bytes(path, data)

@@ -5,11 +5,61 @@ sample), and a convex control (thermal samples of one quadratic well: one state)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pandas as pd
+import torch
 
-from .base import Stage
+from .base import Stage, Task, TaskContext, TaskOutput
 from .replicas import analyse
+
+
+@dataclass(frozen=True)
+class SKSampleTask(Task):
+    """Disorder sample ``sample`` of the SK control (:func:`lossglass.protocols.reference.sk_sample`, parallel
+    tempering over ``reference.sk_temperatures``): what the driver's analysis needs of it, as bytes: the ladder table,
+    the overlaps q_ab of every stored sample at the analysed temperature T_low and at the top of the ladder (pooled
+    into P(q) by the driver), the R x R overlap matrix at T_low (the tree and the ultrametricity test) and the scalars
+    of the per-sample row."""
+
+    sample: int
+    stage = "reference"
+
+    def key(self) -> str:
+        return f"sk{self.sample}"
+
+    def outputs(self, name: str) -> list[str]:
+        return [f"tensors/{name}.safetensors", f"tables/{name}.parquet", f"{name}.json"]
+
+    def compute(self, cfg, progress: bool) -> dict:
+        """The sample's pieces (arrays and scalars), computed here."""
+        from ..protocols import reference as ref
+        from ..sampling import overlap_matrix, overlap_samples
+
+        c = cfg.reference
+        res = ref.sk_sample(c.sk_spins, c.sk_temperatures, replicas=c.sk_replicas, sweeps=c.sk_sweeps, seed=cfg.seed,
+                            sample=self.sample, progress=progress)
+        lo, hi = res.index_of(c.sk_temperature), len(c.sk_temperatures) - 1
+        return {"ladder": res.table(), "q_low": overlap_samples(res, lo).ravel(),
+                "q_high": overlap_samples(res, hi).ravel(), "overlap_low": overlap_matrix(res, lo),
+                "record": {"lo": lo, "hi": hi, "t_low": float(res.temperatures[lo]),
+                           "t_high": float(res.temperatures[hi]),
+                           "exchange_min": float(np.nanmin(res.exchange_acceptance)),
+                           "exchange_max": float(np.nanmax(res.exchange_acceptance)),
+                           "equilibrated": bool(res.equilibrated)}}
+
+    def run(self, ctx: TaskContext) -> TaskOutput:
+        r = self.compute(ctx.cfg, ctx.progress)
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(r[k])) for k in ("q_low", "q_high", "overlap_low")}
+        return TaskOutput().tensors(ctx.name, tensors).table(ctx.name, r["ladder"]).json(ctx.name, r["record"])
+
+    @staticmethod
+    def read(store, name: str) -> dict:
+        """The pieces of a finished task, back from the run folder (bit-identical to :meth:`compute`'s)."""
+        t = store.read_tensors(name)
+        return {"ladder": store.read_table(name), **{k: v.numpy() for k, v in t.items()},
+                "record": store.read_json(f"{name}.json", kind=dict)}
 
 
 class ReferenceStage(Stage):
@@ -51,32 +101,34 @@ class ReferenceStage(Stage):
         tree of the replicas at ``sk_temperature``; P(q) pooled over the samples at that temperature and at the top of
         the ladder; the per-sample verdicts combined (:func:`~lossglass.protocols.reference.sk_pooled`)."""
         from ..protocols import reference as ref
-        from ..sampling import overlap_matrix, overlap_samples
 
         c = ctx.cfg.reference
         temps = c.sk_temperatures
         per, ladder = [], []
         pooled: dict[int, list] = {}
         t_low = t_high = None
-        for j in range(c.sk_samples):
-            ctx.note(f"reference: SK N = {c.sk_spins}, disorder sample {j + 1}/{c.sk_samples}, parallel tempering "
-                     f"({c.sk_replicas} replicas x {len(temps)} temperatures x {c.sk_sweeps} sweeps)")
-            res = ref.sk_sample(c.sk_spins, temps, replicas=c.sk_replicas, sweeps=c.sk_sweeps, seed=ctx.cfg.seed,
-                                sample=j, progress=ctx.bars)
-            tab = res.table()
+        tasks = [SKSampleTask(j) for j in range(c.sk_samples)]
+        ctx.note(f"reference: SK N = {c.sk_spins}, {c.sk_samples} disorder samples, parallel tempering "
+                 f"({c.sk_replicas} replicas x {len(temps)} temperatures x {c.sk_sweeps} sweeps)")
+        if ctx.executor.name == "local":  # computed in place, one sample at a time (no task files: same folder)
+            samples = (t.compute(ctx.cfg, ctx.bars) for t in tasks)
+        else:  # one task per disorder sample, anywhere on the cluster
+            samples = (SKSampleTask.read(ctx.store, n) for n in ctx.run_tasks(self, tasks))
+        for j, r in enumerate(samples):
+            tab, rec = r["ladder"], r["record"]
             tab["disorder"] = j
             ladder.append(tab)
-            lo, hi = res.index_of(c.sk_temperature), len(temps) - 1
-            t_low, t_high = float(res.temperatures[lo]), float(res.temperatures[hi])
-            for idx in (lo, hi):
-                pooled.setdefault(idx, []).append(overlap_samples(res, idx).ravel())
-            row = analyse(ctx, overlap_matrix(res, lo), f"sk-{j}", system=f"SK sample {j} (T = {t_low:g}, equilibrium)",
+            lo, hi = rec["lo"], rec["hi"]
+            t_low, t_high = rec["t_low"], rec["t_high"]
+            pooled.setdefault(lo, []).append(r["q_low"])
+            pooled.setdefault(hi, []).append(r["q_high"])
+            row = analyse(ctx, r["overlap_low"], f"sk-{j}", system=f"SK sample {j} (T = {t_low:g}, equilibrium)",
                           symmetric=True, tree=j == 0, kind="equilibrium", summary=summary)
             qs = pooled[lo][-1]
             row.update(temperature=t_low, energy_mean=float(tab["E_mean"][lo]), disorder=j,
                        abs_q_mean=float(np.abs(qs).mean()), frac_abs_q_below_0_3=float(np.mean(np.abs(qs) < 0.3)),
-                       exchange_min=float(np.nanmin(res.exchange_acceptance)),
-                       exchange_max=float(np.nanmax(res.exchange_acceptance)), equilibrated=bool(res.equilibrated))
+                       exchange_min=rec["exchange_min"], exchange_max=rec["exchange_max"],
+                       equilibrated=rec["equilibrated"])
             per.append(row)
         for idx, t in ((lo, t_low), (hi, t_high)):
             q = np.concatenate(pooled[idx])
@@ -85,6 +137,8 @@ class ReferenceStage(Stage):
         row = ref.sk_pooled(per, np.concatenate(pooled[lo]), replicas=c.sk_replicas, temperature=t_low,
                             alpha=ctx.cfg.replicas.alpha)
         summary.append(row)
+        if ctx.executor.name != "local":
+            ctx.discard_partial("reference")
         return {"sk_verdict": row["verdict"], "sk_p_value": row["p_value"]}
 
     def estimate(self, cfg, sizes, est) -> None:
