@@ -9,6 +9,7 @@ the range of the per-repeat speed-ups. The float32 matmul rate is measured at th
 from __future__ import annotations
 
 import datetime
+import json
 import sys
 import time
 from pathlib import Path
@@ -167,6 +168,10 @@ def main() -> None:
                          "speed-up = torch path / kernel", kernel)):
         text.append(f"## {title}\n\n{_table(rows)}\n")
     text.append(_paper_section(paper))
+    # the cluster study takes about 20 minutes: its section is written from the stored measurement
+    from bench_cluster import section
+
+    text.append(section(json.loads((Path(__file__).parent / "results" / "cluster_scaling.json").read_text())))
     Path(__file__).parent.parent.joinpath("BENCHMARKS.md").write_text("\n".join(text))
     print(f"wrote BENCHMARKS.md ({minutes:.1f} min)")
 
