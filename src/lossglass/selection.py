@@ -47,7 +47,23 @@ from .errors import LossglassError, check, choice
 from .store import RunStore
 
 STRATEGIES = ("best-val", "flattest", "flattest-within-1se", "random")
-FLAT_HIGHER_IS_FLATTER = ("local_entropy",)
+#: measures where a larger value means flatter / safer (negated before "lower = flatter"); the complexity columns of
+#: the measures table (lossglass.protocols.measures.COMPLEXITY) are all "larger = worse"
+FLAT_HIGHER_IS_FLATTER = ("local_entropy", "margin", "pacbayes_sigma", "pacbayes_mag_sigma", "basin_radius_relative")
+
+
+def _measure_table(store: RunStore) -> pd.DataFrame | None:
+    """The per-replica table select.measure is looked up in: the curvature stage's ``flatness`` table, with the
+    measures stage's ``measures`` table (issue 26: norms, margin, PAC-Bayes sigma, spectral measures and their
+    complexity forms) joined on ``replica`` for the columns flatness lacks. None when neither exists."""
+    flat = store.read_table("flatness") if store.has_table("flatness") else None
+    if not store.has_table("measures"):
+        return flat
+    extra = store.read_table("measures")
+    if flat is None:
+        return extra
+    new = [c for c in extra.columns if c not in flat.columns]
+    return flat.merge(extra[["replica", *new]], on="replica", how="left")
 
 
 def _flatness(values: np.ndarray, measure: str) -> np.ndarray:
@@ -163,7 +179,7 @@ def select(store: RunStore, problem=None, strategy: str | None = None, *, measur
     measure = measure or sc.measure
     check(store.has_table("replicas"), f"{store.path}: no replicas")
     reps = store.read_table("replicas")
-    flat_tab = store.read_table("flatness") if store.has_table("flatness") else None
+    flat_tab = _measure_table(store)
     n_val = int(cfg.data.n_val)
     if "val_accuracy" not in reps or n_val == 0:
         raise LossglassError("no validation split: set data.n_val (samples carved out of the training set) so that "
@@ -177,7 +193,7 @@ def select(store: RunStore, problem=None, strategy: str | None = None, *, measur
         ok = ok[~coupled_mask].reset_index(drop=True)
     check(len(ok) >= 3, f"model selection needs at least 3 replicas that did not diverge, got {len(ok)}")
     if flat_tab is not None:
-        check(measure in flat_tab, f"select.measure = {measure!r} is not a column of the flatness table "
+        check(measure in flat_tab, f"select.measure = {measure!r} is not a column of the flatness or measures table "
               f"(choose one of: {', '.join(c for c in flat_tab.columns if c not in reps.columns)})")
         fl = flat_tab.set_index("replica")[measure].reindex(ok["replica"]).to_numpy()
     else:
