@@ -13,12 +13,12 @@ from lossglass.stages import REGISTRY, STAGE_ORDER, dependencies, dependents, st
 
 
 def test_run_order_and_dependencies_come_from_the_registry():
-    assert STAGE_ORDER == ("train", "timeline", "walk", "connect", "replicas", "curvature", "select", "examples",
-                           "reference", "report")
+    assert STAGE_ORDER == ("train", "timeline", "walk", "connect", "replicas", "curvature", "measures", "select",
+                           "examples", "reference", "report")
     for i, st in enumerate(REGISTRY):
         assert all(STAGE_ORDER.index(d) < i for d in st.depends), f"{st.name} depends on a later stage"
-    assert dependents("train") == {"train", "timeline", "walk", "connect", "replicas", "curvature", "select",
-                                   "examples"}
+    assert dependents("train") == {"train", "timeline", "walk", "connect", "replicas", "curvature", "measures",
+                                   "select", "examples"}
     assert dependencies("select") == {"select", "train", "curvature"}
     with pytest.raises(Exception, match="unknown stage 'walks'"):
         stage("walks")
@@ -32,7 +32,7 @@ def test_cli_report_dashboard_and_columns_follow_the_registry():
 
     sub = next(a for a in parser()._actions if a.dest == "command")
     commands = {st.name for st in REGISTRY if st.command}
-    assert commands == {"walk", "connect", "replicas", "curvature", "reference"}
+    assert commands == {"walk", "connect", "replicas", "curvature", "measures", "reference"}
     assert commands <= set(sub.choices)
     assert [n for n, _ in sections()] == [st.report[0] for st in REGISTRY if st.report]
     assert [k for k, _, _ in LAYERS] == [st.report[0] for st in REGISTRY if st.report and st.dashboard]

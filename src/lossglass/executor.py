@@ -25,19 +25,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
-import tempfile
-import threading
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 from ._determinism import configure, run_pinned
 from .errors import LossglassError, choice
+from .relay import SHIP_EVERY_S, CheckpointRelay, CheckpointShipper  # noqa: F401 (re-exported)
 
 EXECUTORS = ("local", "ray")
 
-#: seconds between two looks of a task's shipper at its checkpoint file (and of the driver at the relay)
-SHIP_EVERY_S = 0.2
 
 
 def _no_hook(*_args) -> None:
@@ -57,99 +52,6 @@ class LocalExecutor:
         for task in tasks:
             before(task)
             after(task, run_task(env, task))
-
-
-class CheckpointRelay:
-    """The driver's end of task checkpoints on Ray (a Ray actor pinned to the driver's node, no CPU reserved).
-
-    Holds, per checkpoint name, the newest bytes a task shipped (seeded by the driver with the run folder's files
-    when a stage starts); :meth:`get` hands them to a task that starts (or is retried) on any node, :meth:`drain`
-    hands the ones not yet written to the driver, which writes them into the run folder. It lives as long as the
-    stage's run on the executor, and dies with the driver's node (then the driver is gone too and the run folder
-    holds the newest checkpoints it wrote)."""
-
-    def __init__(self, seed: dict[str, bytes]):
-        self._latest, self._new = dict(seed), {}
-        self._received, self._served, self._senders = 0, 0, {}
-
-    def get(self, rel: str) -> bytes | None:
-        data = self._latest.get(rel)
-        self._served += data is not None
-        return data
-
-    def put(self, rel: str, data: bytes, node: str) -> None:
-        self._latest[rel] = self._new[rel] = data
-        self._received += 1
-        self._senders.setdefault(rel, []).append(node)
-
-    def drain(self) -> dict[str, bytes]:
-        new, self._new = self._new, {}
-        return new
-
-    def stats(self) -> dict:
-        """checkpoints received, resumes served (a task given an earlier checkpoint), senders' nodes per name."""
-        return {"received": self._received, "served": self._served,
-                "senders": {k: list(v) for k, v in self._senders.items()}}
-
-
-class CheckpointShipper:
-    """The task's end (on a worker): a node-local scratch file to checkpoint to, first filled with the relay's newest
-    bytes for it, and a thread that ships each new version of the file to the relay (it looks every
-    :data:`SHIP_EVERY_S` seconds; a checkpoint is replaced atomically, so a version read is always whole)."""
-
-    def __init__(self, relay, rel: str, every: float = SHIP_EVERY_S):
-        import ray
-
-        from .store import atomic_write_bytes
-
-        self.relay, self.rel, self.every = relay, rel, every
-        self.dir = Path(tempfile.mkdtemp(prefix="lossglass-ckpt-"))
-        self.path = self.dir / Path(rel).name
-        self.node = ray.get_runtime_context().get_node_id()
-        data = ray.get(relay.get.remote(rel))
-        if data is not None:
-            atomic_write_bytes(self.path, data)
-        self._seen = self._stamp()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="lossglass-ckpt-ship", daemon=True)
-        self._thread.start()
-
-    def _stamp(self):
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_ino, st.st_mtime_ns, st.st_size
-
-    def ship(self) -> None:
-        """Send the file to the relay if it changed since the last look (and wait until the relay has it)."""
-        import ray
-
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:  # between the rename to NAME.prev and the new file
-            return
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-            if stamp == self._seen:
-                return
-            data = f.read()
-        ray.get(self.relay.put.remote(self.rel, data, self.node))
-        self._seen = stamp
-
-    def _loop(self) -> None:
-        while not self._stop.wait(self.every):
-            self.ship()
-
-    def close(self, ship: bool = False) -> None:
-        """Stop the thread (``ship``: send a last unsent version first, e.g. when the task failed and will be
-        retried) and remove the scratch folder."""
-        self._stop.set()
-        self._thread.join()
-        if ship:
-            self.ship()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def _placed(threads: int, env, task):

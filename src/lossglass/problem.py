@@ -388,10 +388,12 @@ class Problem(Energy):
 
     def predictions(self, theta: torch.Tensor, split: str = "test", *, x: torch.Tensor | None = None,
                     y: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-example predicted class and loss of K replicas: ``{"prediction": (K, N) int64, "loss": (K, N)}`` on a
-        split, or on inputs ``x`` with labels ``y`` (e.g. corrupted test inputs), computed in chunks as
-        :meth:`evaluate` does (same BatchNorm statistics), so ``loss.mean(1)`` and ``(prediction == y).mean(1)`` are
-        :meth:`evaluate`'s loss and accuracy. Rows of one theta come back as ``(N,)``."""
+        """Per-example predicted class, loss and output margin of K replicas: ``{"prediction": (K, N) int64, "loss":
+        (K, N), "margin": (K, N) float64}`` on a split, or on inputs ``x`` with labels ``y`` (e.g. corrupted test
+        inputs), computed in chunks as :meth:`evaluate` does (same BatchNorm statistics), so ``loss.mean(1)`` and
+        ``(prediction == y).mean(1)`` are :meth:`evaluate`'s loss and accuracy. The margin is
+        gamma_n = f(x_n)_{y_n} - max_{j != y_n} f(x_n)_j (negative when the example is misclassified). Rows of one
+        theta come back as ``(N,)``."""
         theta, single = self._prepare(theta)
         k = theta.shape[0]
         if x is None:
@@ -399,15 +401,18 @@ class Problem(Energy):
         check(y is not None and len(x) == len(y), "predictions on given inputs need one label per input (y)")
         x, y = x.to(self.device, self.dtype), y.to(self.device)
         stats = self.evaluation_statistics(theta)
-        preds, losses = [], []
+        preds, losses, margins = [], [], []
         with torch.no_grad():
             for xb, yb in self.bn_policy.chunks(x, y, self.chunk_size(k)):
                 out = self._chunk_forward(theta, xb, stats)
                 losses.append(self._loss(out, yb))
                 preds.append(out.contiguous().argmax(-1))
+                yk = yb.expand(out.shape[0], -1).unsqueeze(-1)
+                margins.append((out.gather(-1, yk).squeeze(-1) - out.scatter(-1, yk, float("-inf")).amax(-1)).double())
         pred = torch.cat(preds, 1) if preds else torch.zeros(k, 0, dtype=torch.long, device=self.device)
         loss = torch.cat(losses, 1) if losses else torch.zeros(k, 0, dtype=self.dtype, device=self.device)
-        res = {"prediction": pred.cpu(), "loss": loss.cpu()}
+        margin = torch.cat(margins, 1) if margins else torch.zeros(k, 0, dtype=torch.float64, device=self.device)
+        res = {"prediction": pred.cpu(), "loss": loss.cpu(), "margin": margin.cpu()}
         return {k_: v[0] for k_, v in res.items()} if single else res
 
     def energy_and_grad(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

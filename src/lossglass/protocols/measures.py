@@ -145,19 +145,10 @@ def norm_measures(problem: Problem, theta: torch.Tensor) -> dict[str, torch.Tens
 def output_margin(problem: Problem, theta: torch.Tensor, *, quantile: float = 0.1) -> torch.Tensor:
     """The ``quantile`` (Jiang et al. use the 10th percentile) over training samples of the output margin
     gamma_n = f(x_n)_{y_n} - max_{j != y_n} f(x_n)_j, per replica ``(K,)``. Jiang's "inverse margin" complexity is
-    1 / gamma^2 (:func:`complexity`). Unchanged by any reparametrisation that keeps the function."""
+    1 / gamma^2 (:func:`complexity`). Unchanged by any reparametrisation that keeps the function. The margins come
+    from :meth:`lossglass.Problem.predictions` (chunked, evaluate's BatchNorm statistics)."""
     check(0 < quantile < 1, f"quantile must be in (0, 1), got {quantile}")
-    theta = theta.detach()
-    parts = []
-    with torch.no_grad():
-        stats = problem.evaluation_statistics(theta)
-        for xb, yb in problem._chunks("train", theta.shape[0]):
-            out = problem._chunk_forward(theta, xb, stats)
-            y = yb.expand(out.shape[0], -1).unsqueeze(-1)
-            true = out.gather(-1, y).squeeze(-1)
-            other = out.scatter(-1, y, float("-inf")).amax(-1)
-            parts.append((true - other).double())
-    gam = torch.cat(parts, 1)
+    gam = problem.predictions(theta.detach(), "train")["margin"]
     return torch.quantile(gam, quantile, dim=1)
 
 

@@ -128,6 +128,11 @@ class TaskContext:
             self._problem = build_problem(self.cfg)
         return self._problem
 
+    @property
+    def device(self) -> str:
+        """The device the task's problem ran on ("cpu" when the task built none)."""
+        return str(self._problem.device) if self._problem is not None else "cpu"
+
     def input(self, key: str) -> Any:
         check(key in self.env.inputs, f"task {self.name} needs the input {key!r}, which its stage did not ship")
         return self.env.inputs[key]
@@ -148,7 +153,7 @@ class TaskContext:
             path.parent.mkdir(exist_ok=True)
             return path
         if self._shipper is None:
-            from ..executor import CheckpointShipper
+            from ..relay import CheckpointShipper
 
             self._shipper = CheckpointShipper(self.env.relay, rel)
         return self._shipper.path
@@ -174,7 +179,7 @@ def run_task(env: TaskEnv, task: Task) -> TaskOutput:
         ctx.close(failed=True)
         raise
     ctx.close()
-    out.device = str(ctx._problem.device) if ctx._problem is not None else "cpu"
+    out.device = ctx.device
     return out
 
 

@@ -22,8 +22,8 @@ class SelectStage(Stage):
         """Never fails the study: when it cannot choose, it says why and is skipped."""
         from ..selection import select
 
-        if not ctx.store.has_table("flatness"):
-            return {"skipped": "no curvature results (enable the curvature stage)"}
+        if not (ctx.store.has_table("flatness") or ctx.store.has_table("measures")):
+            return {"skipped": "no curvature or measures results (enable the curvature stage)"}
         try:
             d = select(ctx.store, ctx.problem)
         except LossglassError as e:
