@@ -47,3 +47,48 @@ class Opaque(Net):
 
 def opaque_model():
     return Opaque()
+
+
+# ---------------------------------------------------------------- a user's BatchNorm model trained on x/255 (issue 28)
+class BNNet(nn.Module):
+    """A small user model with BatchNorm on 1x8x8 'pixel' images, trained by the user on x/255."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 6, 3, padding=1)
+        self.bn = nn.BatchNorm2d(6)
+        self.head = nn.Linear(6 * 16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x.reshape(-1, 1, 8, 8))))
+        return self.head(torch.nn.functional.avg_pool2d(h, 2).flatten(1))
+
+
+def bn_model():
+    return BNNet()
+
+
+def pixels():
+    """uint8-valued 'pixels' 0..255 (as float): a 3-class task (how many of two quadrants are bright)."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.rand(600, 1, 8, 8, generator=g) * 120 + 40
+    y = torch.randint(0, 3, (600,), generator=g)
+    base[:, :, :4, :4] += 22 * (y >= 1).float().view(-1, 1, 1, 1)
+    base[:, :, 4:, 4:] += 22 * (y >= 2).float().view(-1, 1, 1, 1)
+    return base.clamp(0, 255).round(), y
+
+
+def pixels_over_255():
+    """The user's own preprocessing: x / 255."""
+    x, y = pixels()
+    x = x / 255
+    return x[:450], y[:450], x[450:], y[450:]
+
+
+def pixels_standardised():
+    """lossglass's preprocessing of its named image data sets: (x/255 - mean) / std (scalars of the training split)."""
+    x, y = pixels()
+    x = x / 255
+    mu, sd = x[:450].mean(), x[:450].std()
+    x = (x - mu) / sd
+    return x[:450], y[:450], x[450:], y[450:]

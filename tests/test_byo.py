@@ -25,7 +25,7 @@ def test_factories_resolve_and_fail_clearly():
         model_from_factory("tests.byo_factories")
 
 
-def test_user_model_and_data_run_through_every_protocol(tmp_path):
+def test_user_model_and_data_run_through_every_protocol(tmp_path, capsys):
     cfg = tmp_path / "byo.toml"
     cfg.write_text("""
 name = "byo"
@@ -61,6 +61,12 @@ slq_steps = 6
     assert store.has_table("walk") and store.has_table("flatness") and not store.has_table("perm_barriers")
     assert set(store.read_table("replica_summary")["system"]) == {"network-raw", "network-functions"}
     assert "data.n_val" in store.stages()["select"]["skipped"]  # no validation split: nothing may choose
+    # the per-protocol command that needed the symmetry exits non-zero with the reason, and says no 'results in'
+    capsys.readouterr()
+    assert main(["connect", str(out), "--quiet", "--redo", "--no-report"]) == 1
+    said = capsys.readouterr()
+    assert "connect: skipped, no results" in said.err and "model.spec" in said.err and "results in" not in said.out
+    assert main(["connect", str(out), "--quiet"]) == 1  # asked again: still no results, still non-zero
     # with the spec declared, the permutation protocols run too
     cfg.write_text(cfg.read_text().replace('factory = "tests.byo_factories:opaque_model"',
                                            'factory = "tests.byo_factories:model"\nspec = "tests.byo_factories:spec"'))

@@ -268,3 +268,29 @@ def test_missing_framework_names_the_extra(monkeypatch):
         importlib.import_module("lossglass.integrations.lightning")
     with pytest.raises(ImportError, match=r"pip install 'lossglass\[hf\]'"):
         importlib.import_module("lossglass.integrations.hf")
+
+
+class LitNoForward(pl.LightningModule):
+    """Only a training_step: no forward() for the probe to evaluate."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Linear(6, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_callback_refuses_a_module_without_forward_in_one_line(tmp_path):
+    from lossglass.integrations.lightning import has_forward
+
+    assert has_forward(LitMLP()) and not has_forward(LitNoForward())
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, callbacks=[PLFlatness(every_n_steps=1)],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=tmp_path)
+    with pytest.raises(LossglassError, match=r"LitNoForward defines no forward\(\)"):
+        trainer.fit(LitNoForward(), DataLoader(TensorDataset(*lit_data()), batch_size=16))

@@ -60,6 +60,7 @@ from .sampling import PTResult, overlap_matrix, overlap_samples, parallel_temper
 from .store import RunStore
 from .symmetry import PermutationSpec, align, permute, random_permutation, swap_permutation
 from .train import Replicas, descend, train
+from .analyze import Analysis, analyze  # noqa: E402 - after the protocols it calls
 
 from ._version import __version__ as __version__
 
@@ -77,7 +78,8 @@ __all__ = [
     "interpolate", "bezier_path", "plane", "plane_through", "permutation_barriers", "pair_barriers",
     "PathResult", "PlaneResult", "permute", "random_permutation", "swap_permutation", "align", "PermutationSpec",
     "overlaps", "overlap_distribution", "hierarchy", "ultrametricity", "curvature", "sharpness", "local_entropy",
-    "run_study", "numerics", "Sphere", "FlatnessProbe", "describe_ultrametricity", "distances_from_overlaps",
+    "run_study", "numerics", "analyze", "Analysis",
+    "Sphere", "FlatnessProbe", "describe_ultrametricity", "distances_from_overlaps",
     "kaplan_meier", "km_quantile", "parallel_tempering", "PTResult", "overlap_samples", "overlap_matrix",
     "Energy", "ParamLayout", "BatchNormPolicy",
 ]

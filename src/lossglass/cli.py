@@ -127,6 +127,8 @@ def _stage(a, run: Path, cfg) -> int:
     if section:
         getattr(cfg, section).enabled = True
     if study.store.stage_done(a.command) and not a.redo and not a.set:
+        if _skipped(study.store, a.command):
+            return 1
         print(f"{a.command}: already done in {run} (use --redo to recompute)")
         return 0
     if a.redo:
@@ -139,8 +141,22 @@ def _stage(a, run: Path, cfg) -> int:
     if not a.no_report and not a.quiet:
         print("(report.html is rebuilt afterwards, a few seconds; --no-report skips it)", file=sys.stderr)
     study.run(stages, allow=(a.command,))
+    if _skipped(study.store, a.command):
+        return 1
     print(f"{a.command}: results in {run / 'tables'}")
     return 0
+
+
+def _skipped(store, name: str) -> bool:
+    """Whether stage ``name`` was skipped for a reason that leaves it without results (a permutation protocol on a
+    model whose symmetry is unknown, say): said in one line on stderr, so that its command exits non-zero."""
+    from .stages import stage
+
+    why = (store.stage_record(name) or {}).get("skipped")
+    if not why or not stage(name).skip_is_missing:
+        return False
+    print(f"lossglass: {name}: skipped, no results: {why}", file=sys.stderr)
+    return True
 
 
 def cmd_report(a) -> int:
@@ -354,7 +370,7 @@ def cmd_examples(a) -> int:
 def cmd_import(a) -> int:
     import hashlib
 
-    from .byo import import_checkpoints
+    from .byo import check_as_they_are, import_checkpoints
     from .config import load_config
     from .study import Study
 
@@ -373,7 +389,22 @@ def cmd_import(a) -> int:
     # everything is checked before the folder is touched: data, model, every checkpoint
     study = Study(cfg, out, progress=not a.quiet)
     prob = study.problem
+    if "bn_stats" not in cfg.model.model_fields_set and prob.batchnorm != "module" and _has_batchnorm(prob.model):
+        # imported checkpoints are analysed as they are: with their own stored BatchNorm statistics (eval mode)
+        cfg.model.bn_stats = "module"
+        study = Study(cfg, out, progress=not a.quiet)
+        prob = study.problem
+    info = prob.dataset.info if isinstance(prob.dataset.info, dict) else {}
+    if not cfg.data.factory and "mean" in info and not a.quiet:
+        print(f"note: {cfg.data.name} inputs are scaled x -> (x/255 - {info['mean']:.4g}) / {info['std']:.4g}; "
+              "checkpoints trained on other preprocessing need --data package.module:factory returning yours",
+              file=sys.stderr)
     theta, files = import_checkpoints(prob, a.folder)
+    own = check_as_they_are(prob, a.folder, theta, files, accept_mismatch=a.accept_mismatch,
+                            warn=lambda m: print(m, file=sys.stderr))
+    if not a.quiet:
+        print(f"checked {len(files)} checkpoints as they are (batchnorm={prob.batchnorm!r}): their own eval-mode "
+              f"training accuracy {min(own) * 100:.2f}-{max(own) * 100:.2f}%", file=sys.stderr)
     folder = Path(a.folder)
     hashes = [hashlib.sha256((folder / f).read_bytes()).hexdigest() for f in files]
     cfg.name = _import_name(cfg, out)
@@ -421,6 +452,12 @@ def _import_into(a, study, prob, theta, files, hashes, folder: Path, out: Path) 
     print(f"imported {len(files)} checkpoints into {out}; next: lossglass run {out}/config.toml --out {out} "
           "(or one protocol: lossglass walk|connect|replicas|curvature " + str(out) + ")")
     return 0
+
+
+def _has_batchnorm(model) -> bool:
+    from .batchnorm import is_batchnorm
+
+    return any(is_batchnorm(m) for m in model.modules())
 
 
 def _import_name(cfg, out: Path) -> str:
@@ -507,6 +544,8 @@ def parser() -> argparse.ArgumentParser:
     im.add_argument("--data", help="a data set name or package.module:factory")
     im.add_argument("--config", help="a study config for the later protocols (default: the quickstart preset)")
     im.add_argument("--force", action="store_true", help="replace an earlier import there (deletes only lossglass's files)")
+    im.add_argument("--accept-mismatch", action="store_true",
+                    help="analyse checkpoints whose BatchNorm statistics do not match the inputs (warn, do not refuse)")
     im.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     common(im)
     im.set_defaults(fn=cmd_import)
@@ -552,10 +591,12 @@ def main(argv: list[str] | None = None) -> int:
         where = f" ({e.filename})" if getattr(e, "filename", None) else ""
         print(f"lossglass: error: {printable(f'{e.strerror or e}{where}', one_line=True)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("lossglass: interrupted; finished work is saved, run the same command again to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        from .study import Terminated
+
+        what = "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted"
+        print(f"lossglass: {what}; finished work is saved, run the same command again to resume", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
     finally:
         sys.stdout = stdout
 

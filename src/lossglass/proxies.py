@@ -49,6 +49,15 @@ class FlatnessProbe:
     forward/backward passes on the one batch (a Hessian-vector product costs about two); nothing is kept between
     calls but the probe's own random generator.
 
+    Measured (1 CPU thread of a shared 2-core x86_64 machine, torch 2.13; a 784-128-64-10 MLP of 109,386 parameters
+    trained 400 steps on Fashion-MNIST, batch 128, ``n_iter=5``): one call takes 137 ms (median of 30; 111-493 ms),
+    the time of about 23 SGD steps of the same batch size. Its numbers vary between mini-batches far more than a
+    single call suggests: over 30 batches ``lambda_batch`` = 10.6 with standard deviation 2.65 (coefficient of
+    variation 0.25; standard error of the mean 0.48) and ``perturbation_rise`` = 0.0025 with standard deviation
+    0.0057 (its sign varies); on one batch the 5-step power iteration itself spreads by a coefficient of variation
+    of 0.08 over 15 seeds and lies 8 % below its 20-step value (whose spread is 0.4 %). Compare points of training
+    with the mean of several calls and its standard error (sd / sqrt(calls)), not with single calls.
+
     The model is not modified: the probe reads the parameters without copying them, evaluates in eval mode
     (dropout off, batch-norm on its running statistics, which are not updated) and restores every submodule's
     ``training`` flag afterwards, never touches ``.grad``, and draws its random vectors from its own generator

@@ -8,7 +8,9 @@ records their completion and keeps ``progress.json``. What a stage does lives in
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import sys
@@ -50,6 +52,93 @@ def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
         elif va != vb:
             out.append(prefix + k)
     return out
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM received: handled as Ctrl-C (the running stage is recorded as interrupted, finished work is kept and
+    the same command resumes)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While a study runs in the main thread, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt) instead of
+    killing the process silently; the previous handler is restored afterwards."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated("terminated (SIGTERM)")
+
+    try:
+        old = signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):  # not settable here (an embedded interpreter)
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _sized_terminal() -> None:
+    """Progress bars need a terminal size: a pseudo-terminal that reports 0 rows or 0 columns (a container's
+    ``exec -t``, an editor's or an agent's terminal) makes tqdm draw nothing at all. Such a terminal is given the
+    size ``shutil.get_terminal_size`` falls back to ($COLUMNS x $LINES, else 80 x 24), as ``stty cols 80 rows 24``
+    would; a terminal with a size is left as it is."""
+    import fcntl
+    import shutil
+    import struct
+    import termios
+
+    try:
+        fd = sys.stderr.fileno()
+        rows, cols = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))[:2]
+        if rows and cols:
+            return
+        size = shutil.get_terminal_size((80, 24))
+        fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", size.lines or 24, size.columns or 80, 0, 0))
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        return
+
+
+class _Heartbeat:
+    """Without progress bars (output not a terminal, or tasks on Ray workers, whose bars the driver cannot show) and
+    not quiet: one status line every ``every`` seconds while a stage runs (``<stage>: running for N s``), from a
+    daemon thread in the driver, so that a long stage is never silent, whatever executor runs its tasks.
+    ``LOSSGLASS_STATUS_EVERY`` sets the interval (default 30 s)."""
+
+    def __init__(self, name: str, every: float):
+        import threading
+
+        self.name, self.every, self.t0 = name, every, time.time()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lossglass-status-{name}")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            log(f"{self.name}: running for {time.time() - self.t0:.0f} s")
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def status_every() -> float:
+    """Seconds between status lines without progress bars (``LOSSGLASS_STATUS_EVERY``, default 30)."""
+    try:
+        v = float(os.environ.get("LOSSGLASS_STATUS_EVERY", "30"))
+    except ValueError:
+        raise LossglassError("LOSSGLASS_STATUS_EVERY must be a number of seconds") from None
+    check(v > 0, "LOSSGLASS_STATUS_EVERY must be a positive number of seconds")
+    return v
 
 
 class Study:
@@ -224,7 +313,7 @@ class Study:
         """Prepare the folder and run ``stages``, holding the folder's writer lock throughout (a second writer stops
         with one line naming this process)."""
         self.inputs()  # checked before the folder is touched (the lock file is a write)
-        with self.store.writer():
+        with self.store.writer(), _sigterm_as_interrupt():
             return self._run(stages, force, allow)
 
     def _run(self, stages, force: bool, allow: tuple[str, ...]) -> RunStore:
@@ -284,7 +373,14 @@ class Study:
             t0 = time.time()
             self._stage_state(name, state="running", started=t0)
             store.stage = name
-            info = stage(name).run(self.context()) or {}
+            if self.bars:
+                _sized_terminal()
+            # status lines where no bar can be seen: not a terminal, or tasks on other processes (Ray workers)
+            remote = getattr(self.executor, "name", "local") != "local"
+            beat = (_Heartbeat(name, status_every()) if self.progress and (not self.bars or remote)
+                    else contextlib.nullcontext())
+            with beat:
+                info = stage(name).run(self.context()) or {}
             store.mark_done(name, {"seconds": time.time() - t0, "fingerprint": fp, **info})
             store.stage = None
             self._stage_state(name, state="skipped" if info.get("skipped") else "done", finished=time.time(),

@@ -165,8 +165,8 @@ def progress(view: RunView) -> tuple[list[dict], bool]:
 
 
 def status(view: RunView, stages: list[dict], active: bool) -> tuple[str, list[str]]:
-    """``running``, ``complete``, ``incomplete`` (stages missing) or ``damaged`` (files that could not be read), with
-    what is missing or damaged (in words)."""
+    """``running``, ``complete``, ``incomplete`` (stages missing), ``imported`` (checkpoints imported, no protocol run
+    on them yet) or ``damaged`` (files that could not be read), with what is missing or damaged (in words)."""
     problems = list(view.missing()) if view.is_run else ["no meta.json or config.toml yet (the study is starting, or "
                                                           "this folder is not a whole run)"]
     for s in stages:
@@ -177,6 +177,12 @@ def status(view: RunView, stages: list[dict], active: bool) -> tuple[str, list[s
         return "running", problems
     if view.damaged:
         return "damaged", problems
+    records = view.stages()
+    train = records.get("train") if isinstance(records.get("train"), dict) else {}
+    if problems and train.get("imported") and not (set(records) - {"train", "report"}):
+        # checkpoints imported and nothing asked of them yet: not a run that failed part-way
+        return "imported", [f"{train.get('imported')} checkpoints imported, not analysed yet: lossglass run "
+                            f"{view.path.name}/config.toml --out {view.path.name}"]
     return ("incomplete" if problems else "complete"), problems
 
 
@@ -225,7 +231,9 @@ def overview_row(view: RunView, run_status: str) -> dict[str, dict]:
         v = _number(o.get(key))
         return _cell(format(v, digits), v) if v is not None and finite(v) else _cell("", None)
 
-    row = {"name": _cell(view.name), "status": _cell(run_status), "model": _cell(_text(_model(view.config))),
+    # the run is its folder (two runs of one config differ there); the config's name follows when it differs
+    label = view.path.name if view.name == view.path.name else f"{view.path.name} ({view.name})"
+    row = {"name": _cell(_text(label)), "status": _cell(run_status), "model": _cell(_text(_model(view.config))),
            "data": _cell(_text(_data(view.config))), "replicas": _cell(o.get("replicas", ""), _number(o.get("replicas"))),
            "acc_best": num("acc_best", ".2f"), "acc_median": num("acc_median", ".2f"),
            "radius": _cell(o.get("radius_text", ""), o.get("radius")),

@@ -207,7 +207,7 @@ function stageList(run) {
 }
 function problemsBox(run) {
   if (!run.problems || !run.problems.length) return null;
-  return el('div', {cls: 'problems'}, [el('b', {text: 'This run is ' + (run.status === 'running' ? 'still running' : 'incomplete') + '. '}),
+  return el('div', {cls: 'problems'}, [el('b', {text: 'This run is ' + ({running: 'still running', imported: 'imported, not analysed yet'}[run.status] || 'incomplete') + '. '}),
     el('ul', {}, run.problems.map(function (p) { return el('li', {text: p}); }))]);
 }
 function simpleTable(cols, rows, cls) {

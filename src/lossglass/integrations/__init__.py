@@ -7,7 +7,13 @@ optimizer steps and log its numbers through the trainer's own logging.
   (``pip install 'lossglass[hf]'``).
 
 Each costs about ``n_iter + 2`` forward/backward passes on one batch every ``every_n_steps`` steps and leaves
-the training run bit-identical. Importing :mod:`lossglass` or this package imports neither framework; only the
+the training run bit-identical: 137 ms per call on a 109k-parameter MLP with batch 128 on one CPU thread, about 23
+training steps (see :class:`~lossglass.proxies.FlatnessProbe` for the measurement and for how much its numbers
+vary between batches: ``lambda_batch`` by a coefficient of variation of 0.25, so average several calls). With
+``every_n_steps=100`` that adds about a quarter to training time there. The callback needs the module to
+define ``forward`` (Lightning: refused in one line at ``setup`` otherwise).
+
+Importing :mod:`lossglass` or this package imports neither framework; only the
 submodule you import does."""
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ the ``Callback`` class of each one installed, so either ``Trainer`` accepts it. 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -42,6 +43,16 @@ def default_unpack(batch: Any) -> tuple[Any, Any]:
           f"cannot split the batch ({type(batch).__name__}{'' if not isinstance(batch, tuple | list) else f' of {len(batch)}'}) "
           "into inputs and targets: pass FlatnessCallback(unpack=lambda batch: (inputs, targets))")
     return batch[0], batch[1]
+
+
+def has_forward(module: torch.nn.Module) -> bool:
+    """Whether ``module``'s class (or a base below ``LightningModule`` / ``nn.Module``) defines ``forward``."""
+    bases = {torch.nn.Module.forward}
+    for name in ("lightning.pytorch", "pytorch_lightning"):
+        mod = sys.modules.get(name)
+        if mod is not None and hasattr(mod, "LightningModule"):
+            bases.add(mod.LightningModule.forward)
+    return type(module).forward not in bases
 
 
 class FlatnessCallback(*_callback_bases()):
@@ -83,6 +94,12 @@ class FlatnessCallback(*_callback_bases()):
         self._last_step = -1
         if batch is not None:
             self.unpack(batch)  # a bad fixed batch fails here, not hundreds of steps into training
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str | None = None) -> None:
+        """Before the first step: the probe evaluates ``pl_module(inputs)``, so a module without ``forward`` (only a
+        ``training_step``) is refused here in one line, not with a traceback at the first probe."""
+        check(has_forward(pl_module), f"FlatnessCallback evaluates pl_module(inputs), but {type(pl_module).__name__} "
+              "defines no forward(): add forward(self, x) returning the outputs (training_step can call self(x))")
 
     @property
     def state_key(self) -> str:

@@ -269,4 +269,11 @@ def overview(view: RunView) -> dict:
     best = best_predictor(view)
     if best is None or not finite(best["kendall_tau"]):
         return {}
-    return {"predictor": f"{best['measure']} (τ = {best['kendall_tau']:.2f})", "predictor_tau": float(best["kendall_tau"])}
+    tau = float(best["kendall_tau"])
+    lo, hi = best.get("ci_low", np.nan), best.get("ci_high", np.nan)
+    ci = f" [{lo:.2f}, {hi:.2f}]" if finite(lo) and finite(hi) else ""
+    # the declared measure predicts the gap only when tau > 0 and its 95% interval excludes 0 (issue 28, item 8)
+    predicts = tau > 0 and finite(lo) and lo > 0
+    label = (f"{best['measure']} (τ = {tau:.2f}{ci})" if predicts
+             else f"none: declared {best['measure']} has τ = {tau:.2f}{ci}")
+    return {"predictor": label, "predictor_tau": tau}

@@ -171,19 +171,42 @@ def pq_mpl(panels: list[tuple[str, dict[str, np.ndarray]]]):
     return fig
 
 
-def _dendrogram_mpl(ax, linkage: np.ndarray) -> None:
+#: up to this many replicas, the dendrogram's leaves and the Parisi matrix's ticks name every replica
+_LABELLED = 40
+
+
+def _dendrogram_mpl(ax, linkage: np.ndarray, ids=None) -> None:
     from scipy.cluster.hierarchy import dendrogram
 
-    dendrogram(linkage, ax=ax, color_threshold=0, above_threshold_color=PALETTE[0], no_labels=True)
+    n = len(linkage) + 1
+    labels = [str(i) for i in ids] if ids is not None and len(ids) == n and n <= _LABELLED else None
+    dendrogram(linkage, ax=ax, color_threshold=0, above_threshold_color=PALETTE[0], no_labels=labels is None,
+               labels=labels, leaf_font_size=7)
     ax.set_ylabel("merge distance")
-    ax.set_xlabel("replicas (leaf order)")
+    ax.set_xlabel("replica (leaf order)")
+
+
+def _replica_ticks(ax, ids_in_order) -> None:
+    """Integer ticks on both axes of a replica-by-replica image: each replica's id when there are few, else whole
+    positions only (never fractional replicas)."""
+    from matplotlib.ticker import MaxNLocator
+
+    n = len(ids_in_order)
+    if n <= _LABELLED:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_ticks(range(n), [str(i) for i in ids_in_order], fontsize=7 if n > 16 else 9)
+        ax.tick_params(axis="x", labelrotation=90 if n > 16 else 0)
+    else:
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(MaxNLocator(integer=True))
 
 
 def tree_mpl(d: TreeData):
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8), layout="constrained")
-    _dendrogram_mpl(axes[0], d.linkage)
+    _dendrogram_mpl(axes[0], d.linkage, d.ids)
     axes[0].set_title(f"dendrogram — {d.system}", fontsize=9)
     im = axes[1].imshow(d.q[np.ix_(d.order, d.order)], cmap="viridis")
+    _replica_ticks(axes[1], [d.ids[i] for i in d.order])
     fig.colorbar(im, ax=axes[1], label="q")
     axes[1].set_title("Parisi matrix (q in leaf order)")
     axes[1].set_xlabel("replica")

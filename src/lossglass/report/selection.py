@@ -47,7 +47,10 @@ def summary(view: RunView) -> list[tuple[str, str, str]]:
     lo, hi = (d.get("interval") or {}).get(d.get("strategy"), (float("nan"), float("nan")))
     if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo == lo and hi == hi:  # not NaN
         meaning += f"; the rule's expected test accuracy on new data is {lo * 100:.1f}-{hi * 100:.1f}% (95%)"
-    meaning += f"; flatness {verdict} over validation accuracy on this run's test split." if verdict else "."
+    said = {"helped": "flatness helped beyond validation accuracy", "hurt": "flatness did worse than validation "
+            "accuracy alone", "nothing detectable": "flatness added nothing detectable over validation accuracy"}
+    meaning += (f"; {said.get(verdict, f'flatness: {verdict}, compared with validation accuracy')} on this run's "
+                "test split." if verdict else ".")
     return [("Model to ship", what(d), meaning)]
 
 
