@@ -29,6 +29,7 @@ def _run(tmp_path, name, executor):
     return Study(cfg, tmp_path / name, progress=False, executor=executor).run(("train", "walk", "connect"))
 
 
+@pytest.mark.slow
 def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head, monkeypatch):
     from lossglass.executor import LocalExecutor, RayExecutor
 
@@ -52,6 +53,7 @@ def test_ray_run_equals_local_run_and_survives_a_dying_worker(tmp_path, ray_head
     assert lg.RunStore(remote.path).stages()["connect"]["tasks"] == 8  # perm, 2 pairs, bezier, 2 planes, 2 widths
 
 
+@pytest.mark.slow
 def test_finished_tasks_are_not_recomputed(tmp_path):
     from lossglass.config import load_config
     from lossglass.executor import LocalExecutor

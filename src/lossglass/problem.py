@@ -168,8 +168,8 @@ class Problem(Energy):
                 seq, why = layers.build_graph(self.model, self.data["train"][0][:2])
                 check(seq is not None, f"batchnorm={mode!r} needs the BatchNorm statistics of every "
                       f"evaluated point, which lossglass computes on the traced graph of {type(model).__name__}, but "
-                      f"{why} is not supported there; use batchnorm='module' (the module's own stored statistics, "
-                      "config model.bn_stats = 'module')")
+                      f"{why} is not supported there; use the module's own stored statistics (model.bn_stats = 'module' "
+                      "in a config, batchnorm='module' in Python)")
         if mode == "auto":
             mode = declared or "recompute"
         hand = self._hand_written_ok()
