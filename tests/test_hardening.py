@@ -274,7 +274,7 @@ def _sparse(path: Path, size: int, head: bytes = b"") -> None:
 
 _INFO_LIMITED = """
 import resource, sys
-resource.setrlimit(resource.RLIMIT_AS, (6 << 30, 6 << 30))  # a 10 GB allocation fails; torch itself fits
+resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))  # a 10 GB allocation fails; torch itself fits
 from lossglass.cli import main
 sys.exit(main(["info", sys.argv[1]]))
 """
@@ -293,7 +293,9 @@ def test_info_reads_only_the_safetensors_header(base_run, tmp_path):
     text = json.dumps(header).encode()
     text += b" " * (4096 - 8 - len(text))
     _sparse(p, size, (4096 - 8).to_bytes(8, "little") + text)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])}
+    # few malloc arenas and one thread: each thread's arena reserves address space, which the limit counts
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
+           "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1", "LOSSGLASS_THREADS": "1"}
     r = subprocess.run([sys.executable, "-c", _INFO_LIMITED, str(out)], capture_output=True, text=True, env=env,
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

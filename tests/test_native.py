@@ -146,6 +146,15 @@ def _libraries(native):
     return sorted(p for p in native.iterdir() if p.suffix == ".so")
 
 
+def _replace_bytes(path, data: bytes) -> None:
+    """Put ``data`` at ``path`` as a new file (write, then rename), as an attacker or a broken compiler would leave it.
+    Writing in place would change the pages of a library this process has already loaded (mapped): its code would
+    then be read from a truncated file (SIGBUS when the interpreter exits)."""
+    tmp = path.with_name(path.name + ".planting")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
 def _planted_library(tmp, marker):
     """A shared library whose constructor writes ``marker``: what an attacker would plant."""
     src = tmp / "planted.cpp"
@@ -179,7 +188,7 @@ def test_a_planted_library_is_never_run_and_is_deleted(cache, monkeypatch):
     marker = cache.tmp / "constructor-ran"
     evil = _planted_library(cache.tmp, marker)
     for lib in _libraries(cache.native):  # the cached library's name is known: overwrite it in place
-        lib.write_bytes(evil)
+        _replace_bytes(lib, evil)
     rebuilt = []
     monkeypatch.setattr(_native, "_build", lambda *a: rebuilt.append(a[1]) or cache.op)
     _native.kernel(N_CLASSES)
@@ -190,7 +199,7 @@ def test_a_planted_library_is_never_run_and_is_deleted(cache, monkeypatch):
 
 def test_a_library_that_fails_to_load_is_deleted(cache, monkeypatch):
     (lib,) = _libraries(cache.native)
-    lib.write_bytes(b"")  # what a broken compiler leaves, recorded as if it had built it
+    _replace_bytes(lib, b"")  # what a broken compiler leaves, recorded as if it had built it
     _forge_record(cache.native, b"")
     rebuilt = []
     monkeypatch.setattr(_native, "_build", lambda *a: rebuilt.append(a[1]) or cache.op)
@@ -205,12 +214,12 @@ def test_a_planted_or_broken_library_is_rebuilt_and_the_rebuilt_one_is_used(cach
     marker = cache.tmp / "constructor-ran"
     evil = _planted_library(cache.tmp, marker)
     for lib in _libraries(cache.native):
-        lib.write_bytes(evil)
+        _replace_bytes(lib, evil)
     _usable()
     assert not marker.exists()
     (lib,) = _libraries(cache.native)
     assert lib.read_bytes() != evil
-    lib.write_bytes(b"")
+    _replace_bytes(lib, b"")
     _forge_record(cache.native, b"")
     _native._ops.clear()
     _usable()
@@ -228,7 +237,7 @@ def test_the_cache_is_private_and_a_folder_others_can_write_is_refused(cache):
     marker = cache.tmp / "constructor-ran"
     evil = _planted_library(cache.tmp, marker)
     (lib,) = _libraries(cache.native)
-    lib.write_bytes(evil)
+    _replace_bytes(lib, evil)
     _forge_record(cache.native, evil)
     cache.native.chmod(0o777)
     elsewhere = _native._cache_folder()
