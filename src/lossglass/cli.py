@@ -508,28 +508,28 @@ def parser() -> argparse.ArgumentParser:
     common(t)
     t.set_defaults(fn=cmd_train)
 
+    def stage_options(p: argparse.ArgumentParser) -> None:
+        """What every command that runs one stage on an existing run folder takes."""
+        p.add_argument("run", help="run folder")
+        p.add_argument("--redo", action="store_true", help="recompute even if the stage is done")
+        p.add_argument("--no-report", action="store_true", help="do not rebuild report.html afterwards")
+        p.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
+        common(p)
+
     for st in REGISTRY:  # one sub-command per stage that declares one
         if not st.command:
             continue
         name = st.name
         s = sub.add_parser(name, help=f"{st.command}, on an existing run folder")
-        s.add_argument("run", help="run folder")
-        s.add_argument("--redo", action="store_true", help="recompute even if the stage is done")
-        s.add_argument("--no-report", action="store_true", help="do not rebuild report.html afterwards")
-        s.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
-        common(s)
+        stage_options(s)
         s.set_defaults(fn=cmd_stage)
 
     ex = sub.add_parser("examples", help="where the replicas disagree: the misjudged test cases (runs the examples "
                         "stage on an existing run folder if needed)")
-    ex.add_argument("run", help="run folder")
+    stage_options(ex)
     ex.add_argument("--top", type=int, default=10, help="how many cases of each kind (default 10)")
     ex.add_argument("--format", default=None, help=f"print as one of: {', '.join(EXPORT_FORMATS)} (default: a table)")
     ex.add_argument("--out", help="with --format csv: the file to write (default: standard output)")
-    ex.add_argument("--redo", action="store_true", help="recompute the examples stage even if it is done")
-    ex.add_argument("--no-report", action="store_true", help="do not rebuild report.html after running the stage")
-    ex.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
-    common(ex)
     ex.set_defaults(fn=cmd_examples)
     sel = sub.add_parser("select", help="which replica to ship: strategies graded on the untouched test split")
     sel.add_argument("run")
