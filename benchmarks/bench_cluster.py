@@ -6,7 +6,8 @@ MLP (784-16-10) on Fashion-MNIST. For each K it measures
   gathering, writing the run folder, Ray's client) against the summed CPU time of every task (from
   ``placement/STAGE.json``, which the Ray executor writes), and their ratio;
 - the driver's peak RSS (``ru_maxrss`` of this process, one fresh process per K);
-- the wall time, and the driver's seconds per stage (the stages' own records).
+- the wall time, and the driver's seconds per stage (the stages' own records), and the driver's peak RSS (VmHWM)
+  as each stage ends (the stage after which it rises is the one that raised it).
 
 Usage: ``python benchmarks/bench_cluster.py 64 256 [--epochs 1] [--out results/cluster.json]``; each K runs in a
 fresh subprocess, so the RSS of one size does not carry into the next."""
@@ -91,6 +92,25 @@ def one(k: int, epochs: int, n_train: int, chunk: int) -> dict:
         c.add_node(num_cpus=1)
     ray.init(address=c.address, log_to_driver=False)
     c.wait_for_nodes()
+    from lossglass.stages import REGISTRY
+
+    peaks: dict[str, float] = {}
+
+    def hwm() -> float:
+        return next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM")) / 1024
+
+    def watched(st):
+        inner = type(st).run
+
+        def run(self, ctx):
+            try:
+                return inner(self, ctx)
+            finally:
+                peaks[self.name] = round(hwm(), 1)
+        return run
+
+    for st in REGISTRY:
+        type(st).run = watched(st)
     try:
         cfg = load_config(cfg_path)
         r0, w0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
@@ -108,7 +128,8 @@ def one(k: int, epochs: int, n_train: int, chunk: int) -> dict:
                 "driver_peak_rss_mib": round(r1.ru_maxrss / 1024, 1),
                 "task_cpu_by_stage": {s: round(sum(t["cpu_s"] for t in tasks if t["stage"] == s), 1)
                                       for s in sorted({t["stage"] for t in tasks})},
-                "stage_seconds": {s: r.get("seconds") for s, r in stages.items()}}
+                "stage_seconds": {s: r.get("seconds") for s, r in stages.items()},
+                "driver_peak_rss_after_stage_mib": peaks}
     finally:
         ray.shutdown()
         c.shutdown()

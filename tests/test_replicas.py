@@ -502,3 +502,33 @@ def test_samples_are_combined_by_fisher():
     assert R.combine_samples(one, 0.01)["verdict"] == "clusters"
     none = R.combine_samples([{**base, "p_value": float("nan"), "verdict_reason": "too few points (5)"}], 0.01)
     assert none["verdict"] == "cannot tell" and "too few points" in none["sentence"]
+
+
+def test_cosine_overlaps_one_function_tiled_paired_and_exact():
+    from lossglass.protocols.replicas import cosine_overlaps
+
+    g = torch.Generator().manual_seed(3)
+    v = torch.randn(37, 200, generator=g) * torch.rand(37, 1, generator=g)  # rows of unequal norms
+    w = torch.randn(11, 200, generator=g)
+    x = v.double().numpy()
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    whole = cosine_overlaps(v)
+    assert whole.dtype == torch.float64 and whole.shape == (37, 37)
+    np.testing.assert_allclose(whole.numpy(), u @ u.T, rtol=0, atol=1e-14)
+    assert torch.equal(cosine_overlaps(v, tile=37), whole)  # K <= tile: one pass, the same bytes
+    for tile in (1, 5, 16):  # blocks of rows: the same numbers to roundoff, symmetric off the diagonal blocks
+        t = cosine_overlaps(v, tile=tile)
+        assert (t - whole).abs().max() < 1e-14 and (t - t.T).abs().max() < 1e-15
+        assert (t.diagonal() - 1).abs().max() < 1e-15
+    ab = cosine_overlaps(v, w, tile=4)
+    np.testing.assert_allclose(ab.numpy(), u @ (w.double() / w.double().norm(dim=1, keepdim=True)).numpy().T,
+                               rtol=0, atol=1e-14)
+    pair = cosine_overlaps(v[:11], w, paired=True, tile=3)
+    np.testing.assert_allclose(pair.numpy(), np.diagonal(cosine_overlaps(v[:11], w).numpy()), rtol=0, atol=1e-14)
+    assert cosine_overlaps(torch.tensor([[1.0, 0], [-2.0, 0]])).tolist() == [[1.0, -1.0], [-1.0, 1.0]]
+    with pytest.raises(lg.LossglassError, match="rows of different lengths"):
+        cosine_overlaps(v, w[:, :10])
+    with pytest.raises(lg.LossglassError, match="paired overlaps need as many rows"):
+        cosine_overlaps(v, w, paired=True)
+    with pytest.raises(lg.LossglassError, match="tile must be a positive int"):
+        cosine_overlaps(v, tile=0)

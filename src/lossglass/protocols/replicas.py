@@ -55,11 +55,58 @@ def aligned_replicas(problem: Problem, replicas, *, reference: int | str = "mean
     return aligned
 
 
-def _cosine(v: torch.Tensor) -> torch.Tensor:
-    v = v.double()
-    n = v.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    u = v / n
-    return (u @ u.T).clamp(-1, 1)
+#: rows per tile of :func:`cosine_overlaps`: K <= TILE is one pass (one GEMM); above it no more than two tiles of
+#: TILE rows are held in float64 at a time
+TILE = 512
+
+
+def _unit_rows(v: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    return v.double() / norms
+
+
+def cosine_overlaps(a: torch.Tensor, b: torch.Tensor | None = None, *, paired: bool = False,
+                    tile: int | None = None) -> torch.Tensor:
+    """Cosine overlaps q_ab = <u_a, u_b>, u = v / |v| (each row normalised in float64, |v| floored at 1e-30), clipped
+    to [-1, 1]: the one cosine of the package (the replicas' overlap matrix, the layer overlaps, the timeline's
+    pair overlaps).
+
+    - ``b`` None: the ``(K, K)`` matrix of the rows of ``a`` ``(K, P)``; ``b`` given: the ``(K, M)`` matrix between
+      the rows of ``a`` and of ``b`` ``(M, P)``.
+    - ``paired=True``: the ``(K,)`` overlaps of row i of ``a`` with row i of ``b``, sum_j u_aij u_bij.
+    - ``tile``: the matrix in blocks of ``tile`` x ``tile`` rows (default :data:`TILE`), so that no more than two
+      blocks of rows are held in float64 at once (memory O(tile P) beside the inputs, which stay in their own
+      dtype); K <= tile is one GEMM; of ``a`` with itself only the blocks on and above the diagonal are computed and
+      the others mirrored. The row norms are computed once, per row, so a block's entries are those of
+      the one-pass product wherever the BLAS reduces each dot product in the same order (tests/test_replicas.py
+      checks equality at the sizes it covers)."""
+    a = torch.as_tensor(a)
+    check(a.ndim == 2, f"cosine_overlaps needs (K, P) rows, got shape {tuple(a.shape)}")
+    same = b is None
+    b = a if same else torch.as_tensor(b)
+    check(b.ndim == 2 and b.shape[1] == a.shape[1], f"rows of different lengths: {tuple(a.shape)} and {tuple(b.shape)}")
+    tile = TILE if tile is None else tile
+    check(isinstance(tile, int) and tile > 0, f"tile must be a positive int, got {tile!r}")
+    na = a.double().norm(dim=1, keepdim=True).clamp_min(1e-30) if a.shape[0] <= tile else torch.cat(
+        [a[i:i + tile].double().norm(dim=1, keepdim=True) for i in range(0, a.shape[0], tile)]).clamp_min(1e-30)
+    nb = na if same else (b.double().norm(dim=1, keepdim=True).clamp_min(1e-30) if b.shape[0] <= tile else torch.cat(
+        [b[i:i + tile].double().norm(dim=1, keepdim=True) for i in range(0, b.shape[0], tile)]).clamp_min(1e-30))
+    if paired:
+        check(a.shape[0] == b.shape[0], f"paired overlaps need as many rows in a as in b: {a.shape[0]} != {b.shape[0]}")
+        return torch.cat([(_unit_rows(a[i:i + tile], na[i:i + tile]) * _unit_rows(b[i:i + tile], nb[i:i + tile]))
+                          .sum(1) for i in range(0, a.shape[0], tile)]).clamp(-1, 1)
+    if a.shape[0] <= tile and b.shape[0] <= tile:
+        ua = _unit_rows(a, na)
+        ub = ua if same else _unit_rows(b, nb)
+        return (ua @ ub.T).clamp(-1, 1)
+    out = torch.empty(a.shape[0], b.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(0, a.shape[0], tile):
+        ua = _unit_rows(a[i:i + tile], na[i:i + tile])
+        for j in range(i if same else 0, b.shape[0], tile):  # of a matrix with itself: the upper blocks, mirrored
+            ub = ua if same and i == j else _unit_rows(b[j:j + tile], nb[j:j + tile])
+            out[i:i + tile, j:j + tile] = ua @ ub.T
+            if same and j > i:
+                out[j:j + tile, i:i + tile] = out[i:i + tile, j:j + tile].T
+    return out.clamp_(-1, 1)
 
 
 def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "weights", reference: int | str = "mean",
@@ -80,7 +127,7 @@ def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "wei
     if kind == "weights":
         if align and problem.has_data:
             theta = aligned_replicas(problem, theta, reference=reference, method=method)
-        return _cosine(theta.cpu())
+        return cosine_overlaps(theta.cpu())
     check(problem.has_data, f"{kind} overlaps need a network with data")
     x = problem.data["test"][0][:n_samples]
     with torch.no_grad():
@@ -92,7 +139,7 @@ def overlaps(problem: Problem, replicas, *, align: bool = True, kind: str = "wei
             theta = aligned_replicas(problem, theta, reference=reference, method=method)
         acts = hidden_activations(problem, theta, x)
         h = torch.cat([a - a.mean(1, keepdim=True) for a in acts], -1)  # (K, N, H)
-        return _cosine(h.reshape(h.shape[0], -1).cpu())
+        return cosine_overlaps(h.reshape(h.shape[0], -1).cpu())
 
 
 def layer_overlaps(problem: Problem, theta: torch.Tensor) -> pd.DataFrame:
@@ -101,7 +148,7 @@ def layer_overlaps(problem: Problem, theta: torch.Tensor) -> pd.DataFrame:
     iu = np.triu_indices(theta.shape[0], 1)
     rows = []
     for info in problem.params:
-        q = _cosine(theta[:, info.slice].cpu()).numpy()[iu]
+        q = cosine_overlaps(theta[:, info.slice].cpu()).numpy()[iu]
         rows.append({"parameter": info.name, "q_mean": float(q.mean()), "q_std": float(q.std())})
     return pd.DataFrame(rows)
 

@@ -231,7 +231,7 @@ def snapshot_rows(problem: Problem, theta: torch.Tensor, ids, step: int, setting
         al = C.interpolate(problem, a, b_al, n_points=s.n_points)
 
         def cos(u, v):
-            return ((u * v).sum(1) / (u.norm(dim=1) * v.norm(dim=1))).cpu().double().numpy()
+            return R.cosine_overlaps(u, v, paired=True).cpu().numpy()
 
         nan = np.full(m, np.nan)
         pairs = pd.DataFrame({"step": step, "kind": "pair", "replica": -1, "a": ids[0:2 * m:2], "b": ids[1:2 * m:2],

@@ -43,6 +43,8 @@ class ReplicasStage(Stage):
     report = ("replicas", "Protocol 3 — overlaps, the Parisi tree and ultrametricity")
 
     def run(self, ctx) -> dict:
+        from tqdm.auto import tqdm
+
         from ..protocols import replicas as R
         from .common import spec_missing
 
@@ -53,23 +55,43 @@ class ReplicasStage(Stage):
         summary, pq_rows = [], []
         why = spec_missing(problem)
         kinds = [("raw", False)] if why else [("aligned", True), ("raw", False)]
+        steps = tqdm(total=2 * len(kinds) + 2 * (c.kind != "functions") + 2 * (c.basin_temperature > 0) + (not why),
+                     desc="replicas", disable=not ctx.bars, leave=False)
+
+        def tested(q, label: str) -> dict:
+            steps.set_postfix_str(f"{label}: tree and ultrametricity")
+            ctx.note(f"replicas: {label}: tree and ultrametricity test of {q.shape[0]} points")
+            row = analyse(ctx, q, label, summary=summary, pq_rows=pq_rows)
+            steps.update(1)
+            return row
+
         for label, al in kinds:
+            steps.set_postfix_str(f"{label} overlaps")
             ctx.note(f"replicas: {label} overlaps of {len(rep)} replicas")
             q = R.overlaps(problem, rep, align=al, kind=c.kind).numpy()
-            analyse(ctx, q, f"network-{label}", summary=summary, pq_rows=pq_rows)
+            steps.update(1)
+            tested(q, f"network-{label}")
         if c.kind != "functions":
+            steps.set_postfix_str("function overlaps")
+            ctx.note(f"replicas: function overlaps of {len(rep)} replicas")
             q = R.overlaps(problem, rep, kind="functions").numpy()
-            analyse(ctx, q, "network-functions", summary=summary, pq_rows=pq_rows)
+            steps.update(1)
+            tested(q, "network-functions")
         if c.basin_temperature > 0:
             prob = problem.subset(c.basin_n_data)
+            steps.set_postfix_str("within-basin chains")
             ctx.note(f"replicas: {c.basin_samples} within-basin chains at T = {c.basin_temperature:g}, "
                      f"{c.basin_sweeps} sweeps on {len(prob.dataset.y_train)} samples")
             q, info = R.within_basin(prob, rep.theta[0], temperature=c.basin_temperature, samples=c.basin_samples,
                                      sweeps=c.basin_sweeps, step_size=c.basin_step_size, seed=ctx.cfg.seed,
                                      progress=ctx.bars)
-            analyse(ctx, q, "network-basin", summary=summary, pq_rows=pq_rows).update(info)
+            steps.update(1)
+            tested(q, "network-basin").update(info)
         if not why:
+            steps.set_postfix_str("layer overlaps")
             ctx.store.write_table("replica_layers", R.layer_overlaps(problem, R.aligned_replicas(problem, rep.theta)))
+            steps.update(1)
+        steps.close()
         ctx.store.write_table("replica_summary", pd.DataFrame(summary))
         ctx.store.write_table("pq", pd.concat(pq_rows, ignore_index=True))
         return {"note": why} if why else {}
