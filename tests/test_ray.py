@@ -94,3 +94,23 @@ def test_gpus_are_asked_for_only_when_the_device_may_use_them_and_the_cluster_ha
     for bad in (0, -1, 1.5, "1"):
         with pytest.raises(LossglassError, match="gpus_per_task"):
             RayExecutor(gpus_per_task=bad)
+
+
+def test_relay_seed_falls_back_to_the_previous_checkpoint_when_the_newest_is_damaged(tmp_path):
+    from safetensors.torch import load as from_bytes
+
+    from lossglass import checkpoint
+    from lossglass.relay import newest_readable
+
+    path = tmp_path / "checkpoints" / "train-0.safetensors"
+    assert newest_readable(path) is None  # nothing there yet
+    checkpoint.save(path, {"theta": torch.zeros(2, 3)})
+    checkpoint.save(path, {"theta": torch.ones(2, 3)})  # the first is kept as NAME.prev
+    assert torch.equal(from_bytes(newest_readable(path))["theta"], torch.ones(2, 3))  # intact: the newest
+    path.write_bytes(path.read_bytes()[:40])  # a power cut mid-write
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        data = newest_readable(path)
+    assert torch.equal(from_bytes(data)["theta"], torch.zeros(2, 3))  # the one before it
+    checkpoint.previous(path).write_bytes(b"")  # both damaged: nothing to seed with
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        assert newest_readable(path) is None

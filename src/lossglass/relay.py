@@ -14,6 +14,31 @@ from pathlib import Path
 SHIP_EVERY_S = 0.2
 
 
+def newest_readable(path: str | os.PathLike) -> bytes | None:
+    """The bytes of the newest checkpoint at ``path`` that parses (:mod:`lossglass.checkpoint` files are safetensors):
+    ``NAME``, else ``NAME.prev`` (a file damaged by a power cut or a full disk leaves the one before it, with a
+    warning), None when neither is there or readable. What the driver seeds the relay with; the task still validates
+    what it is given (shapes, its settings) itself."""
+    import warnings
+
+    from safetensors.torch import load as from_bytes
+
+    from .checkpoint import previous
+
+    for p in (Path(path), previous(path)):
+        if not p.is_file():
+            continue
+        data = p.read_bytes()
+        try:
+            from_bytes(data)
+        except Exception as e:  # noqa: BLE001 - empty, truncated or foreign file
+            warnings.warn(f"not seeding the relay with checkpoint {p}: it is unreadable ({type(e).__name__}); "
+                          "trying the one before it", RuntimeWarning, stacklevel=2)
+            continue
+        return data
+    return None
+
+
 class CheckpointRelay:
     """The driver's end of task checkpoints on Ray (a Ray actor pinned to the driver's node, no CPU reserved).
 

@@ -335,12 +335,12 @@ class StageContext:
         return names
 
     def read_checkpoint(self, rel: str) -> bytes | None:
-        """The bytes of the newest checkpoint ``rel`` in the run folder (``NAME``, else ``NAME.prev``), None when
-        there is none: what a task resumed elsewhere starts from (it validates them itself)."""
-        for p in (self.store.resolve(rel), previous(self.store.resolve(rel))):
-            if p.is_file():
-                return p.read_bytes()
-        return None
+        """The bytes of the newest readable checkpoint ``rel`` in the run folder (``NAME``, else ``NAME.prev``:
+        :func:`lossglass.relay.newest_readable`), None when there is none: what a task resumed elsewhere starts from
+        (it validates them itself)."""
+        from ..relay import newest_readable
+
+        return newest_readable(self.store.resolve(rel))
 
     def write_checkpoint(self, rel: str, data: bytes) -> None:
         """Write checkpoint bytes a task shipped (``rel``: reserved in the manifest by ``before``) as
