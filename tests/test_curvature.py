@@ -296,3 +296,25 @@ def test_bad_curvature_inputs(tiny, trained):
         lg.sharpness(tiny, trained.theta[0], rho=-1)
     with pytest.raises(lg.LossglassError, match="unknown sharpness kind"):
         lg.sharpness(tiny, trained.theta[0], kind="median")
+
+
+def test_a_replica_measured_in_a_group_gives_what_it_gives_in_the_whole_batch(tiny, trained):
+    """replica_ids seed each replica's random numbers by its id and each Lanczos run stops at its own step, so the
+    curvature stage's groups (tasks) give the whole batch's numbers, to roundoff; seeded by position they would not."""
+    kw = dict(trace_probes=6, n_samples=4, entropy_radius=0.5, entropy_epsilon=0.01, entropy_chains=32)
+    whole = K.flatness_table(tiny, trained, **kw)
+    split = pd.concat([K.flatness_table(tiny, trained[[0]], replica_ids=[0], **kw),
+                       K.flatness_table(tiny, trained[[1, 2]], replica_ids=[1, 2], **kw)], ignore_index=True)
+    by_position = pd.concat([K.flatness_table(tiny, trained[[0]], **kw), K.flatness_table(tiny, trained[[1, 2]], **kw)],
+                            ignore_index=True)
+    for m in K.MEASURES + ("hessian_trace_se", "local_entropy_se"):
+        np.testing.assert_allclose(split[m], whole[m], rtol=1e-12, atol=1e-14, err_msg=m)
+    for m in ("hessian_trace", "sharpness_average", "local_entropy", "proxy_perturbation"):  # randomised measures
+        assert not np.allclose(by_position[m][1:], whole[m][1:], rtol=1e-6), m
+    # Lanczos: each row its own stop; the batch's rows equal the rows run alone
+    lam = K.top_eigenvalues(tiny, trained.theta, k=2, tol=1e-3, replica_ids=[0, 1, 2]).values
+    alone = torch.cat([K.top_eigenvalues(tiny, trained.theta[[i]], k=2, tol=1e-3, replica_ids=[i]).values
+                       for i in range(3)])
+    assert torch.allclose(lam, alone, rtol=1e-12, atol=0)
+    with pytest.raises(lg.LossglassError, match="replica_ids must name the 3 replicas"):
+        K.trace(tiny, trained.theta, replica_ids=[0, 1])

@@ -185,16 +185,20 @@ def _logits(outputs: Any) -> torch.Tensor:
 
 
 def batch_proxies(problem: Problem, theta: torch.Tensor, *, batch_size: int = 256, n_iter: int = 5, rho: float = 0.05,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
+                  seed: int = 0, replica_ids=None) -> dict[str, torch.Tensor]:
     """The two proxies for K replicas at once on the same mini-batch (the first ``batch_size`` training
-    samples): ``lambda_batch`` (power iteration, ``n_iter`` batched products) and ``perturbation_rise``."""
+    samples): ``lambda_batch`` (power iteration v <- H v / |v|, ``n_iter`` batched products, lambda = v^T H v) and
+    ``perturbation_rise`` (E(theta + rho u) - E(theta), u filter-normalised). ``replica_ids``: the ids that seed each
+    replica's random vectors (default its position 0..K-1), so that a group draws what the whole batch draws."""
     from .protocols.connect import filter_normalize
 
     sub = problem.subset(batch_size)
     theta = theta.to(problem.device, problem.dtype)
     k, p = theta.shape
     op = sub.hvp_operator(theta)
-    gens = generators(seed, range(k), stream=71)
+    ids = list(range(k)) if replica_ids is None else [int(i) for i in replica_ids]
+    check(len(ids) == k, f"replica_ids must name the {k} replicas of theta, got {len(ids)} ids")
+    gens = generators(seed, ids, stream=71)
     v = randn_per(gens, p, problem.device, problem.dtype)
     lam = torch.zeros(k, device=problem.device, dtype=problem.dtype)
     for _ in range(n_iter):

@@ -28,6 +28,15 @@ from ..train import Replicas
 from .connect import filter_normalize
 
 
+def _ids(replica_ids, k: int) -> list[int]:
+    """The replicas' ids that seed their generators (default 0..K-1: their positions in the batch)."""
+    if replica_ids is None:
+        return list(range(k))
+    ids = [int(i) for i in replica_ids]
+    check(len(ids) == k, f"replica_ids must name the {k} replicas of theta, got {len(ids)} ids")
+    return ids
+
+
 def _prep(problem: Problem, theta) -> tuple[torch.Tensor, bool]:
     if isinstance(theta, Replicas):
         theta = theta.theta
@@ -67,10 +76,14 @@ def _matvec(problem: Problem, theta: torch.Tensor, mask: torch.Tensor | None):
     return mv
 
 
-def lanczos(matvec, v0: torch.Tensor, m: int, *, tol: float | None = None, k: int = 1):
+def lanczos(matvec, v0: torch.Tensor, m: int, *, tol: float | None = None, k: int = 1, per_row: bool = False):
     """Batched Lanczos with full re-orthogonalisation on B independent symmetric operators (row b of the
     batch is operator b). Returns (T (B, j, j) tridiagonal, V (B, j, P) orthonormal basis, j steps).
-    With ``tol``, stops once the top-k Ritz values of every row satisfy |beta_j s_{j,i}| <= tol |theta_i|."""
+    With ``tol``, stops once the top-k Ritz values of every row satisfy |beta_j s_{j,i}| <= tol |theta_i|.
+    ``per_row=True`` also returns each row's own stop ``(B,)``: the first step j_b at which its top-k Ritz values
+    satisfied the bound (or its Krylov space was exhausted), so that T_b = T[b, :j_b, :j_b] and V[b, :j_b] are what
+    row b alone would have given: the rows' recurrences are independent, only the batch's last step depends on
+    the others."""
     b, p = v0.shape
     m = min(m, p)
     dt = torch.float64
@@ -82,6 +95,8 @@ def lanczos(matvec, v0: torch.Tensor, m: int, *, tol: float | None = None, k: in
     beta = torch.zeros(b, m, dtype=dt, device=v0.device)
     basis[:, 0] = v
     j_end = m
+    stop = torch.full((b,), m, dtype=torch.long, device=v0.device)  # each row's own stop
+    open_ = torch.ones(b, dtype=torch.bool, device=v0.device)
     for j in range(m):
         if j + 2 > basis.shape[1] and basis.shape[1] < m:  # room for the next vector
             grown = torch.empty(b, min(m, 2 * basis.shape[1]), p, dtype=dt, device=v0.device)
@@ -99,17 +114,24 @@ def lanczos(matvec, v0: torch.Tensor, m: int, *, tol: float | None = None, k: in
             evals, evecs = torch.linalg.eigh(t)
             top = evals[:, -k:]
             resid = (bnorm.unsqueeze(1) * evecs[:, -1, -k:]).abs()
-            if bool((resid <= tol * top.abs().clamp_min(1e-12)).all()):
+            ok = (resid <= tol * top.abs().clamp_min(1e-12)).all(1)
+            stop = torch.where(open_ & ok, j + 1, stop)
+            open_ &= ~ok
+            if bool(ok.all()) or per_row and not bool(open_.any()):
                 j_end = j + 1
                 break
         if j + 1 < m:
             small = bnorm < 1e-10 * alpha[:, : j + 1].abs().max(1).values.clamp_min(1e-30)
-            if bool(small.all()):
+            stop = torch.where(open_ & small, j + 1, stop)
+            open_ &= ~small
+            if bool(small.all()) or per_row and not bool(open_.any()):
                 j_end = j + 1
                 break
             nxt = w / bnorm.clamp_min(1e-30).unsqueeze(1)
             basis[:, j + 1] = torch.where(small.unsqueeze(1), torch.zeros_like(nxt), nxt)
     t = _tridiag(alpha[:, :j_end], beta[:, : j_end - 1])
+    if per_row:
+        return t, basis[:, :j_end], j_end, stop.clamp(max=j_end)
     return t, basis[:, :j_end], j_end
 
 
@@ -131,18 +153,21 @@ class EigenResult:
 
 
 def top_eigenvalues(problem: Problem, theta, k: int = 1, tol: float = 1e-4, *, max_iter: int = 200,
-                    layer: str | None = None, seed: int = 0) -> EigenResult:
+                    layer: str | None = None, seed: int = 0, replica_ids=None) -> EigenResult:
     """The k largest (algebraic) eigenvalues of the Hessian H(theta) by Lanczos with full
     re-orthogonalisation; stops when the residual bound |beta_j s_j| <= tol |lambda| holds for all k (an
     a-posteriori relative error bound on each Ritz value). ``layer`` restricts H to one parameter tensor.
     On a manifold H is the Riemannian Hessian and the Krylov space lies in the tangent space at theta (the start
-    vector is projected onto it), so the eigenpairs are those of the P - 1 tangent directions."""
+    vector is projected onto it), so the eigenpairs are those of the P - 1 tangent directions. Each replica stops at
+    its own step (:func:`lanczos` ``per_row``): its eigenpairs do not depend on the other replicas of the batch.
+    ``replica_ids``: the ids that seed each replica's start vector (default its position 0..K-1), so that a replica
+    run in a group of others draws what it draws in the whole batch."""
     theta, single = _prep(problem, theta)
     check(isinstance(k, int) and 1 <= k <= problem.n_params, f"k must be an int in 1..{problem.n_params}, got {k!r}")
     check(isinstance(tol, (int, float)) and 0 < tol < 1, f"tol must be in (0, 1), got {tol!r}")
     man = _manifold(problem, "top_eigenvalues", layer)
     mask = _mask(problem, layer)
-    gens = generators(seed, range(theta.shape[0]), stream=51)
+    gens = generators(seed, _ids(replica_ids, theta.shape[0]), stream=51)
     v0 = randn_per(gens, problem.n_params, problem.device, torch.float64)
     if mask is not None:
         v0 = v0 * mask.double()
@@ -151,11 +176,15 @@ def top_eigenvalues(problem: Problem, theta, k: int = 1, tol: float = 1e-4, *, m
         v0 = man.tangent(theta.double(), v0)
         n_eff -= man.codim
         check(k <= n_eff, f"k must be at most {n_eff} (the dimension of the tangent space), got {k}")
-    t, basis, j = lanczos(_matvec(problem, theta, mask), v0, min(max_iter, n_eff), tol=tol, k=k)
-    evals, evecs = torch.linalg.eigh(t)
-    kk = min(k, j)
-    vals = evals[:, -kk:].flip(1)
-    vecs = torch.einsum("bjp,bji->bip", basis, evecs[:, :, -kk:].flip(2))
+    t, basis, j, stop = lanczos(_matvec(problem, theta, mask), v0, min(max_iter, n_eff), tol=tol, k=k, per_row=True)
+    kk = min(k, int(stop.min()))
+    vals = torch.empty(theta.shape[0], kk, dtype=torch.float64, device=t.device)
+    vecs = torch.empty(theta.shape[0], kk, problem.n_params, dtype=torch.float64, device=t.device)
+    for s in torch.unique(stop).tolist():  # the rows that stopped at step s: their own leading s x s block
+        rows = torch.nonzero(stop == s).flatten()
+        evals, evecs = torch.linalg.eigh(t[rows, :s, :s])
+        vals[rows] = evals[:, -kk:].flip(1)
+        vecs[rows] = torch.einsum("bjp,bji->bip", basis[rows, :s], evecs[:, :, -kk:].flip(2))
     converged = j < min(max_iter, n_eff) or j == n_eff
     res = EigenResult(vals.to(problem.dtype), vecs.to(problem.dtype), j, bool(converged))
     if single:
@@ -168,13 +197,14 @@ def _rademacher(gens, p, device, dtype):
 
 
 def trace(problem: Problem, theta, *, n_probes: int = 30, method: str = "hutch++", layer: str | None = None,
-          seed: int = 0) -> dict:
+          seed: int = 0, replica_ids=None) -> dict:
     """tr H estimated from Hessian-vector products: Hutchinson tr H = E[v^T H v], v Rademacher; or Hutch++
     (Meyer et al. 2021): tr(Q^T H Q) on the range Q of H S (S: n/3 probes) plus Hutchinson on the rest.
     Returns ``{"trace", "stderr", "n_hvp"}`` per replica (tensors) — stderr is the standard error of the
     stochastic part (sample std / sqrt(probes)); the deflated part of Hutch++ is exact.
     On a manifold the probes are projected onto the tangent space, v -> P_T v (E[P_T v v^T P_T] = P_T), and H is
-    the Riemannian Hessian: the trace is over the P - 1 tangent directions."""
+    the Riemannian Hessian: the trace is over the P - 1 tangent directions. ``replica_ids``: the ids that seed each
+    replica's probes (default its position 0..K-1)."""
     theta, single = _prep(problem, theta)
     check(isinstance(n_probes, int) and n_probes >= 3, f"n_probes must be an int >= 3, got {n_probes!r}")
     check(method in ("hutchinson", "hutch++"), f"unknown trace method {method!r}; use 'hutchinson' or 'hutch++'")
@@ -189,7 +219,7 @@ def trace(problem: Problem, theta, *, n_probes: int = 30, method: str = "hutch++
             ops[n] = _matvec(problem, theta.repeat_interleave(n, 0), mask)
         return ops[n](v.reshape(kk * n, p)).reshape(kk, n, p)
 
-    gens = generators(seed, range(kk), stream=53)
+    gens = generators(seed, _ids(replica_ids, kk), stream=53)
 
     def probes(n):
         v = torch.stack([_rademacher(gens, p, problem.device, problem.dtype) for _ in range(n)], 1)  # (K, n, P)
@@ -263,14 +293,15 @@ def spectral_density(problem: Problem, theta, *, n_probes: int = 5, steps: int =
 
 
 # ---------------------------------------------------------------------------- flatness measures
-def _unit_directions(problem: Problem, theta: torch.Tensor, n: int, seed: int, normalize: str) -> torch.Tensor:
+def _unit_directions(problem: Problem, theta: torch.Tensor, n: int, seed: int, normalize: str,
+                     replica_ids=None) -> torch.Tensor:
     """n random unit directions per replica, ``(K, n, P)`` with |u| = 1: Gaussian directions filter-normalised
     (Li et al. 2018: each row of every weight matrix rescaled to the norm of theta's row, biases and other 1-D
     parameters zeroed) and then divided by their own norm; plain uniform directions on the unit sphere with
     ``normalize="none"`` or for models without weight matrices. On a manifold the directions are projected onto
     the tangent space at theta before the final normalisation."""
     k, p = theta.shape
-    gens = generators(seed, range(k), stream=59)
+    gens = generators(seed, _ids(replica_ids, k), stream=59)
     u = torch.stack([randn_per(gens, p, problem.device, problem.dtype) for _ in range(n)], 1)
     has_matrix = any(len(i.shape) >= 2 for i in problem.params)
     if normalize == "filter" and has_matrix:
@@ -286,7 +317,7 @@ def _retract(problem: Problem, theta: torch.Tensor, u: torch.Tensor) -> torch.Te
 
 
 def sharpness(problem: Problem, theta, rho: float = 0.05, kind: str = "average", *, n_samples: int = 16,
-              n_steps: int = 5, normalize: str = "filter", seed: int = 0) -> torch.Tensor:
+              n_steps: int = 5, normalize: str = "filter", seed: int = 0, replica_ids=None) -> torch.Tensor:
     """Sharpness of each replica (``(K,)`` or a scalar). ``"average"`` and ``"worst"`` share one convention: a
     relative radius, R = rho |theta| with |theta| the Euclidean norm of the whole parameter vector (weights and
     biases) of that replica (``sharpness_radius`` gives R):
@@ -304,7 +335,8 @@ def sharpness(problem: Problem, theta, rho: float = 0.05, kind: str = "average",
 
     On a manifold u is drawn (average) or ascended (worst) in the tangent space at theta and the point is
     projected back onto the manifold; Keskar's coordinate box has no tangent-space counterpart and is refused.
-    A constant energy gives 0 for every kind.
+    A constant energy gives 0 for every kind. ``replica_ids``: the ids that seed each replica's random directions
+    (default its position 0..K-1).
     """
     theta, single = _prep(problem, theta)
     check(isinstance(rho, (int, float)) and rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho!r}")
@@ -316,12 +348,12 @@ def sharpness(problem: Problem, theta, rho: float = 0.05, kind: str = "average",
     k, p = theta.shape
     radius = sharpness_radius(theta, rho).unsqueeze(1)  # (K, 1)
     if kind == "average":
-        u = _unit_directions(problem, theta, n_samples, seed, normalize)
+        u = _unit_directions(problem, theta, n_samples, seed, normalize, replica_ids)
         pts = _retract(problem, theta.unsqueeze(1), radius.unsqueeze(1) * u)
         e = problem.energy(pts.reshape(k * n_samples, p)).view(k, n_samples)
         out = (e - e0.unsqueeze(1)).mean(1)
     elif kind == "worst":
-        gens = generators(seed, range(k), stream=63)
+        gens = generators(seed, _ids(replica_ids, k), stream=63)
         rand = randn_per(gens, p, problem.device, problem.dtype)
 
         def ascent(u: torch.Tensor) -> torch.Tensor:
@@ -349,7 +381,7 @@ def sharpness(problem: Problem, theta, rho: float = 0.05, kind: str = "average",
         out = torch.clamp(best - e0, min=0)
     else:
         box = rho * (theta.abs() + 1)
-        gens = generators(seed, range(k), stream=63)
+        gens = generators(seed, _ids(replica_ids, k), stream=63)
         coin = torch.sign(randn_per(gens, p, problem.device, problem.dtype))
         _, g = problem.energy_and_grad(theta)
         u = box * torch.where(g != 0, torch.sign(g), coin)
@@ -405,7 +437,8 @@ def _na_step(hits: torch.Tensor, n: int, *, final: bool | torch.Tensor) -> torch
 
 
 def local_entropy(problem: Problem, theta, *, radius: float = 0.05, epsilon: float = 0.01, n_chains: int = 64,
-                  p0: float = 0.2, mcmc_steps: int = 3, max_levels: int = 20, seed: int = 0) -> dict:
+                  p0: float = 0.2, mcmc_steps: int = 3, max_levels: int = 20, seed: int = 0,
+                  replica_ids=None) -> dict:
     """Local entropy (Baldassi et al. 2016/2020), relative form: the log of the fraction of the ball
 
         S(theta) = log Vol{theta' : |theta' - theta| <= R, E(theta') <= E(theta) + epsilon} / Vol(B_R),
@@ -478,11 +511,12 @@ def local_entropy(problem: Problem, theta, *, radius: float = 0.05, epsilon: flo
     check(isinstance(max_levels, int) and max_levels >= 1, f"max_levels must be an int >= 1, got {max_levels!r}")
     man = _manifold(problem, "local_entropy")
     k, p = theta.shape
+    ids = _ids(replica_ids, k)
     e0 = problem.energy(theta)
     per_replica = n_chains * p * theta.element_size() * 5  # bytes: z, proposal, noise, points, ball map
     group = max(1, int(getattr(problem, "memory_mb", 256.0) * 2**20 // per_replica))
     parts = [_subset_simulation(problem, theta[i:i + group], e0[i:i + group] + epsilon,
-                                radius * theta[i:i + group].norm(dim=1), range(i, min(i + group, k)), n_chains, p0,
+                                radius * theta[i:i + group].norm(dim=1), ids[i:i + group], n_chains, p0,
                                 mcmc_steps, max_levels, seed, man)
              for i in range(0, k, group)]
     keys = ("local_entropy", "stderr", "upper_bound", "levels", "converged")
@@ -587,7 +621,8 @@ def _subset_simulation(problem: Problem, theta: torch.Tensor, target: torch.Tens
 # ---------------------------------------------------------------------------- the generalisation study
 def flatness_table(problem: Problem, replicas: Replicas, *, rho: float = 0.05, top_k: int = 1, tol: float = 1e-3,
                    trace_probes: int = 12, n_samples: int = 8, entropy_radius: float = 0.3,
-                   entropy_epsilon: float = 0.05, entropy_chains: int = 64, seed: int = 0) -> pd.DataFrame:
+                   entropy_epsilon: float = 0.05, entropy_chains: int = 64, seed: int = 0,
+                   replica_ids=None) -> pd.DataFrame:
     """Every flatness measure for every replica, beside its test error and generalisation gap.
 
     Columns added to ``replicas.table``: lambda_max, hessian_trace, hessian_trace_se, sharpness_radius (the
@@ -595,27 +630,33 @@ def flatness_table(problem: Problem, replicas: Replicas, *, rho: float = 0.05, t
     sharpness_average, sharpness_worst, sharpness_keskar (Keskar's box |u_i| <= 0.1 rho (|theta_i| + 1), its own
     definition), local_entropy (log volume fraction, ball of radius entropy_radius |theta|), local_entropy_se
     (its standard error), local_entropy_radius (that absolute radius), weight_norm, proxy_lambda_batch,
-    proxy_perturbation, test_error."""
+    proxy_perturbation, test_error.
+
+    ``replica_ids``: the ids that seed each replica's random numbers in every measure (default its position 0..K-1 in
+    ``replicas``): a group of the replicas measured with their positions in the whole set draws what the whole set
+    draws (the curvature stage measures groups as tasks)."""
     theta = replicas.theta
-    eig = top_eigenvalues(problem, theta, k=top_k, tol=tol, seed=seed)
-    tr = trace(problem, theta, n_probes=trace_probes, seed=seed)
+    ids = _ids(replica_ids, theta.shape[0])
+    eig = top_eigenvalues(problem, theta, k=top_k, tol=tol, seed=seed, replica_ids=ids)
+    tr = trace(problem, theta, n_probes=trace_probes, seed=seed, replica_ids=ids)
     df = replicas.table.copy().reset_index(drop=True)
     df["lambda_max"] = eig.values[:, 0].cpu().numpy()
     df["hessian_trace"] = tr["trace"].cpu().numpy()
     df["hessian_trace_se"] = tr["stderr"].cpu().numpy()
     df["sharpness_radius"] = sharpness_radius(theta, rho).cpu().numpy()
-    df["sharpness_average"] = sharpness(problem, theta, rho, "average", n_samples=n_samples, seed=seed).cpu().numpy()
-    df["sharpness_worst"] = sharpness(problem, theta, rho, "worst", seed=seed).cpu().numpy()
-    df["sharpness_keskar"] = sharpness(problem, theta, rho * 0.1, "keskar", seed=seed).cpu().numpy()
+    df["sharpness_average"] = sharpness(problem, theta, rho, "average", n_samples=n_samples, seed=seed,
+                                        replica_ids=ids).cpu().numpy()
+    df["sharpness_worst"] = sharpness(problem, theta, rho, "worst", seed=seed, replica_ids=ids).cpu().numpy()
+    df["sharpness_keskar"] = sharpness(problem, theta, rho * 0.1, "keskar", seed=seed, replica_ids=ids).cpu().numpy()
     le = local_entropy(problem, theta, radius=entropy_radius, epsilon=entropy_epsilon, n_chains=entropy_chains,
-                       seed=seed)
+                       seed=seed, replica_ids=ids)
     df["local_entropy"] = le["local_entropy"].cpu().numpy()
     df["local_entropy_se"] = le["stderr"].cpu().numpy()
     df["local_entropy_radius"] = le["radius"].cpu().numpy()
     df["weight_norm"] = theta.norm(dim=1).cpu().numpy()
     from ..proxies import batch_proxies
 
-    prox = batch_proxies(problem, theta, rho=rho, seed=seed)
+    prox = batch_proxies(problem, theta, rho=rho, seed=seed, replica_ids=ids)
     df["proxy_lambda_batch"] = prox["lambda_batch"].cpu().numpy()
     df["proxy_perturbation"] = prox["perturbation_rise"].cpu().numpy()
     df["test_error"] = 1 - df["test_accuracy"]
