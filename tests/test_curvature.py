@@ -318,3 +318,31 @@ def test_a_replica_measured_in_a_group_gives_what_it_gives_in_the_whole_batch(ti
     assert torch.allclose(lam, alone, rtol=1e-12, atol=0)
     with pytest.raises(lg.LossglassError, match="replica_ids must name the 3 replicas"):
         K.trace(tiny, trained.theta, replica_ids=[0, 1])
+
+
+@pytest.mark.slow
+def test_the_curvature_stage_measures_groups_as_tasks(tmp_path, monkeypatch):
+    """The stage's tasks (groups of replicas) give the one-group run's table to roundoff, and its task tables in
+    the run folder are the groups' rows."""
+    from lossglass.config import load_config
+    from lossglass.executor import LocalExecutor
+    from lossglass.stages import curvature as CS
+    from lossglass.study import Study
+
+    from .test_study_cli import _cfg
+
+    cfg = load_config(_cfg(tmp_path, epochs=1), overrides=["curvature.density=false", "curvature.entropy_chains=20",
+                                                                  "curvature.n_hvp_data=100", "curvature.top_k=1"])
+    one = Study(cfg, tmp_path / "one", progress=False, executor=LocalExecutor()).run(("train", "curvature"))
+    monkeypatch.setattr(CS, "GROUP", 4)
+    monkeypatch.setattr(CS.groups, "__defaults__", (4,))
+    split = Study(cfg, tmp_path / "split", progress=False, executor=LocalExecutor()).run(("train", "curvature"))
+    assert lg.RunStore(one.path).stages()["curvature"]["tasks"] == 1
+    assert lg.RunStore(split.path).stages()["curvature"]["tasks"] == 2  # 6 replicas: 4 + 2
+    a, b = one.read_table("flatness"), split.read_table("flatness")
+    assert list(a.columns) == list(b.columns) and len(a) == len(b) == 6
+    for col in a.columns:
+        if a[col].dtype.kind == "f":
+            np.testing.assert_allclose(b[col], a[col], rtol=1e-9, atol=1e-12, err_msg=col)
+        else:
+            pd.testing.assert_series_equal(a[col], b[col], check_names=False)
