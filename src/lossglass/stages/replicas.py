@@ -3,11 +3,17 @@ calibrated ultrametricity test, and the P(q) of samples inside one basin."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pandas as pd
+import torch
 
 from ..errors import check
 from ..protocols.replicas import ReplicaAnalysis, analyse_overlaps
-from .base import Stage
+from .base import Stage, Task, TaskContext, TaskOutput
+
+#: the tables that draw one system's tree (:func:`lossglass.protocols.replicas.analyse_overlaps`)
+TREE_TABLES = ("overlaps", "linkage", "order", "triangles")
 
 
 def write_analysis(store, a: ReplicaAnalysis) -> None:
@@ -32,6 +38,62 @@ def analyse(ctx, q, label: str, *, system: str | None = None, symmetric: bool = 
     return a.row
 
 
+@dataclass(frozen=True)
+class ReplicaSystem(Task):
+    """One system of the replicas stage, as a task: its overlaps (``aligned``, ``raw`` weights or the configured kind,
+    ``functions``; ``basin``: the within-basin chains around the first replica) and their analysis
+    (:func:`lossglass.protocols.replicas.analyse_overlaps`: P(q), the tree, the calibrated ultrametricity test), or
+    ``layers``: the per-tensor overlaps of the aligned replicas. Its files: the summary row (a JSON list of key, value
+    pairs, in the row's order), P(q)'s sample and the tree's tables; the driver copies them into the stage's tables.
+    The analysis (its null draws grow as K^3) runs wherever the executor puts the task, not in the driver."""
+
+    label: str
+    stage = "replicas"
+
+    def key(self) -> str:
+        return self.label
+
+    def outputs(self, name: str) -> list[str]:
+        if self.label == "layers":
+            return [f"tables/{name}.parquet"]
+        return [f"{name}.json", f"tensors/{name}.safetensors", *(f"tables/{name}-{t}.parquet" for t in TREE_TABLES)]
+
+    def run(self, ctx: TaskContext) -> TaskOutput:
+        from ..protocols import replicas as R
+        from .common import alive_replicas
+
+        c = ctx.cfg.replicas
+        rep, problem = alive_replicas(ctx.input("replicas"), ctx.problem)
+        if self.label == "layers":
+            return TaskOutput().table(ctx.name, R.layer_overlaps(problem, R.aligned_replicas(problem, rep.theta)))
+        info = {}
+        if self.label == "basin":
+            prob = problem.subset(c.basin_n_data)
+            q, info = R.within_basin(prob, rep.theta[0], temperature=c.basin_temperature, samples=c.basin_samples,
+                                     sweeps=c.basin_sweeps, step_size=c.basin_step_size, seed=ctx.cfg.seed,
+                                     progress=ctx.progress)
+        elif self.label == "functions":
+            q = R.overlaps(problem, rep, kind="functions").numpy()
+        else:
+            q = R.overlaps(problem, rep, align=self.label == "aligned", kind=c.kind).numpy()
+        a = analyse_overlaps(q, label=f"network-{self.label}", method=c.method, max_triangles=c.max_triangles,
+                             seed=ctx.cfg.seed, alpha=c.alpha)
+        a.row.update(info)
+        out = TaskOutput().json(ctx.name, {"row": [[k, v] for k, v in a.row.items()]})
+        out.tensors(ctx.name, {"pq": torch.from_numpy(a.pq)})
+        for t in TREE_TABLES:
+            out.table(f"{ctx.name}-{t}", a.tables[t])
+        return out
+
+    @staticmethod
+    def read(store, name: str) -> ReplicaAnalysis:
+        """The analysis of a finished task, back from the run folder (the row in its order, P(q)'s sample, the tree's
+        tables)."""
+        row = dict(store.read_json(f"{name}.json", kind=dict)["row"])
+        return ReplicaAnalysis(row, store.read_tensors(name)["pq"].numpy(),
+                               {t: store.read_table(f"{name}-{t}") for t in TREE_TABLES})
+
+
 class ReplicasStage(Stage):
     name = "replicas"
     position = 50
@@ -42,59 +104,39 @@ class ReplicasStage(Stage):
     command = "protocol 3: overlaps, P(q), tree, ultrametricity"
     report = ("replicas", "Protocol 3 — overlaps, the Parisi tree and ultrametricity")
 
-    def run(self, ctx) -> dict:
-        from tqdm.auto import tqdm
+    def inputs(self, ctx) -> dict:
+        from .common import load_replicas
 
-        from ..protocols import replicas as R
+        return {"replicas": load_replicas(ctx.store)}
+
+    def run(self, ctx) -> dict:
         from .common import spec_missing
 
         c = ctx.cfg.replicas
         rep = ctx.alive()
         problem = ctx.problem
         check(len(rep) >= 4, f"the replicas stage needs at least 4 replicas, got {len(rep)}")
-        summary, pq_rows = [], []
         why = spec_missing(problem)
-        kinds = [("raw", False)] if why else [("aligned", True), ("raw", False)]
-        steps = tqdm(total=2 * len(kinds) + 2 * (c.kind != "functions") + 2 * (c.basin_temperature > 0) + (not why),
-                     desc="replicas", disable=not ctx.bars, leave=False)
-
-        def tested(q, label: str) -> dict:
-            steps.set_postfix_str(f"{label}: tree and ultrametricity")
-            ctx.note(f"replicas: {label}: tree and ultrametricity test of {q.shape[0]} points")
-            row = analyse(ctx, q, label, summary=summary, pq_rows=pq_rows)
-            steps.update(1)
-            return row
-
-        for label, al in kinds:
-            steps.set_postfix_str(f"{label} overlaps")
-            ctx.note(f"replicas: {label} overlaps of {len(rep)} replicas")
-            q = R.overlaps(problem, rep, align=al, kind=c.kind).numpy()
-            steps.update(1)
-            tested(q, f"network-{label}")
-        if c.kind != "functions":
-            steps.set_postfix_str("function overlaps")
-            ctx.note(f"replicas: function overlaps of {len(rep)} replicas")
-            q = R.overlaps(problem, rep, kind="functions").numpy()
-            steps.update(1)
-            tested(q, "network-functions")
-        if c.basin_temperature > 0:
-            prob = problem.subset(c.basin_n_data)
-            steps.set_postfix_str("within-basin chains")
-            ctx.note(f"replicas: {c.basin_samples} within-basin chains at T = {c.basin_temperature:g}, "
-                     f"{c.basin_sweeps} sweeps on {len(prob.dataset.y_train)} samples")
-            q, info = R.within_basin(prob, rep.theta[0], temperature=c.basin_temperature, samples=c.basin_samples,
-                                     sweeps=c.basin_sweeps, step_size=c.basin_step_size, seed=ctx.cfg.seed,
-                                     progress=ctx.bars)
-            steps.update(1)
-            tested(q, "network-basin").update(info)
-        if not why:
-            steps.set_postfix_str("layer overlaps")
-            ctx.store.write_table("replica_layers", R.layer_overlaps(problem, R.aligned_replicas(problem, rep.theta)))
-            steps.update(1)
-        steps.close()
+        labels = ["raw"] if why else ["aligned", "raw"]
+        labels += ["functions"] if c.kind != "functions" else []
+        labels += ["basin"] if c.basin_temperature > 0 else []
+        tasks = [ReplicaSystem(label) for label in labels + ([] if why else ["layers"])]
+        ctx.note(f"replicas: {', '.join(labels)} overlaps of {len(rep)} replicas, each with its tree and "
+                 f"ultrametricity test{'' if why else ', and the layer overlaps'}: {len(tasks)} tasks")
+        names = ctx.run_tasks(self, tasks)
+        summary, pq_rows = [], []
+        for task, name in zip(tasks, names):
+            if task.label == "layers":
+                ctx.store.write_table("replica_layers", ctx.store.read_table(name))
+                continue
+            a = ReplicaSystem.read(ctx.store, name)
+            write_analysis(ctx.store, a)
+            pq_rows.append(pd.DataFrame({"label": a.row["label"], "q": a.pq}))
+            summary.append(a.row)
         ctx.store.write_table("replica_summary", pd.DataFrame(summary))
         ctx.store.write_table("pq", pd.concat(pq_rows, ignore_index=True))
-        return {"note": why} if why else {}
+        out = {"tasks": len(tasks), "executor": ctx.executor.name}
+        return {"note": why, **out} if why else out
 
     def estimate(self, cfg, sizes, est) -> None:
         rc, p = cfg.replicas, sizes.n_params
