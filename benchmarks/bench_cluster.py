@@ -144,40 +144,51 @@ def _fit(rows: list[dict], key: str, ks=(4096, 16384)) -> list[float]:
     return [float(c[0] + c[1] * x + c[2] * x * x) for x in ks]
 
 
-def section(rows: list[dict]) -> str:
-    """The BENCHMARKS.md section of these measurements (``benchmarks/results/cluster_scaling.json``)."""
+def section(rows: list[dict], before: list[dict] | None = None) -> str:
+    """The BENCHMARKS.md section of these measurements (``benchmarks/results/cluster_scaling.json``), beside ``before``
+    (the same study at f594d76, when curvature and the replicas stage's analyses ran in the driver:
+    ``benchmarks/results/cluster_scaling_f594d76.json``; read from there when not given)."""
+    if before is None:
+        old = Path(__file__).parent / "results" / "cluster_scaling_f594d76.json"
+        before = json.loads(old.read_text()) if old.exists() else []
+    prev = {r["replicas"]: r for r in before}
     lines = ["## A study on a local 3-node Ray cluster (issue 24)\n",
              "`benchmarks/bench_cluster.py`: a head node (the driver's, no CPUs for tasks) and two worker nodes of one "
              "CPU each (`ray.cluster_utils.Cluster`) on this 2-core machine, shared with other jobs; every protocol "
              f"on, K replicas of 784-16-10 on {rows[0]['n_train']:,} Fashion-MNIST images, {rows[0]['epochs']} "
              f"epoch, `train.chunk` = {rows[0]['chunk']}, `LOSSGLASS_THREADS=1`, curvature and the within-basin "
              "chains at reduced sizes (see the script's config). Driver CPU: user + system time of the driver "
-             "process over `Study.run` (the stages that run in the driver: replicas, curvature, select, the report, "
-             "plus gathering and writing the folder); task CPU: the process time of every task (from "
-             "`placement/STAGE.json`); peak RSS: `ru_maxrss` of the driver, one fresh process per K. One run per K "
-             "(no repeats: CPU times, not wall times, are compared, since the machine was shared).\n",
+             "process over `Study.run` (what still runs in the driver: the Kendall taus and two spectral densities of "
+             "curvature, select, the SK and p-spin analyses of reference, the report, gathering and writing the "
+             "folder, Ray's client); task CPU: the process time of every task (from `placement/STAGE.json`); peak "
+             "RSS: `ru_maxrss` of the driver, one fresh process per K. One run per K (no repeats: CPU times, not wall "
+             "times, are compared, since the machine was shared). Curvature runs as tasks of 64 replicas and each "
+             "replicas-stage system (aligned, raw, function overlaps, within-basin chains, layer overlaps) with its "
+             "tree and ultrametricity test as one task; before (f594d76) both ran in the driver.\n",
              "| replicas | tasks | task CPU (s) | driver CPU (s) | driver / task CPU | driver peak RSS (MiB) | "
-             "driver: replicas stage (s, wall) | driver: curvature (s, wall) | driver: report (s, wall) |",
+             "before: driver CPU (s) | before: driver peak RSS (MiB) | driver: report (s, wall) |",
              "|" + "---|" * 9]
     for r in rows:
-        st = r["stage_seconds"]
+        b = prev.get(r["replicas"], {})
+        bc = f"{b['driver_cpu_s']:.1f}" if b else "-"
+        br = f"{b['driver_peak_rss_mib']:,.0f}" if b else "-"
         lines.append(f"| {r['replicas']:,} | {r['tasks']} | {r['task_cpu_s']:.1f} | {r['driver_cpu_s']:.1f} | "
-                     f"{r['driver_share']:.2f} | {r['driver_peak_rss_mib']:,.0f} | {st['replicas']:.0f} | "
-                     f"{st['curvature']:.0f} | {st['report']:.0f} |")
-    cpu, rss, task = _fit(rows, "driver_cpu_s"), _fit(rows, "driver_peak_rss_mib"), _fit(rows, "task_cpu_s")
+                     f"{r['driver_share']:.2f} | {r['driver_peak_rss_mib']:,.0f} | {bc} | {br} | "
+                     f"{r['stage_seconds']['report']:.0f} |")
+    big = {r["replicas"]: r for r in rows}.get(1024)
+    stage_rss = big.get("driver_peak_rss_after_stage_mib", {}) if big else {}
+    if stage_rss:
+        lines.append("\nThe driver's peak RSS (MiB) as each stage ended, at 1,024 replicas: " + ", ".join(
+            f"{s} {v:,.0f}" for s, v in stage_rss.items()) + ".")
+    share = [r["driver_share"] for r in rows]
+    rss = [r["driver_peak_rss_mib"] for r in rows]
     lines.append(
-        f"\nNeither aim is met: the driver's CPU is {rows[0]['driver_share']:.1f} to {rows[-1]['driver_share']:.1f} "
-        "times the tasks' (aim <= 0.10) and its peak RSS passes 2 GiB between 256 and 1,024 replicas. The tasks "
-        "here are small (one epoch), so the share falls as training grows (task CPU is proportional to the "
-        "epochs), but the driver's own "
-        "work grows faster than K: the replicas stage (alignment, K x K overlaps and their clustering, the "
-        "ultrametric triangles) and curvature run in the driver. Estimated, not measured, from a + b K + c K^2 "
-        f"through the three points: at 4,096 replicas driver CPU ~{cpu[0]:,.0f} s against task CPU "
-        f"~{task[0]:,.0f} s, peak RSS ~{rss[0] / 1024:,.0f} GiB; at 16,384 ~{cpu[1]:,.0f} s, "
-        f"~{task[1]:,.0f} s and ~{rss[1] / 1024:,.0f} GiB (the K^2 term dominates: three points fix it poorly). "
-        "The 4,096 run was not made: on this machine it would need about that memory and hours. What moves these "
-        "numbers is issue 24's item 2 not yet done: curvature as tasks over replica groups and the overlaps and "
-        "triangles in tiles.\n")
+        f"\nDriver CPU / task CPU: {share[0]:.2f} to {share[-1]:.2f} (aim <= 0.10); driver peak RSS {rss[0]:,.0f} to "
+        f"{rss[-1]:,.0f} MiB (aim <= 2 GiB). Each replicas-stage system is one task whose ultrametricity null costs "
+        "n_null x O(K^3) (a Haar rotation of replica space per draw: 77 s of one core per system at 1,024 replicas, "
+        "about 64 times that at 4,096), so at 4,096 replicas the stage's four systems would take about 1.4 h of one "
+        "core each: the 4,096 run was not made. What is left: the null draws as tasks (seeded per chunk of draws), "
+        "and streaming the replicas to the tasks instead of the driver loading all K x P parameters once.\n")
     return "\n".join(lines)
 
 

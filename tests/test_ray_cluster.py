@@ -123,6 +123,9 @@ def test_study_without_shared_disk_equals_local(cluster, tmp_path):
     placed = json.loads((root / "ray" / "placement" / "train.json").read_text())
     head = ray.get_runtime_context().get_node_id()
     assert len(placed["tasks"]) == 3 and all(p["node"] != head and p["device"] == "cpu" for p in placed["tasks"])
+    for stage, least in (("curvature", 1), ("replicas", 3)):  # groups of replicas; overlap systems with their tests
+        placed = json.loads((root / "ray" / "placement" / f"{stage}.json").read_text())["tasks"]
+        assert len(placed) >= least and all(p["node"] != head for p in placed), stage
     assert not list((root / "ray").glob("checkpoints/*"))  # shipped checkpoints were written, then discarded
 
 

@@ -16,7 +16,9 @@ into the run folder (reserved in its manifest, ``NAME.prev`` kept) while it wait
 half-done task dies, Ray runs the task again on another node (``max_retries``); the retry fetches from the relay the
 newest checkpoint shipped before the death (at most :data:`SHIP_EVERY_S` plus one checkpoint interval of work is
 redone) and resumes from it, bit-identical to an uninterrupted run (the checkpoint contract of training and walks).
-When the driver itself stops, the run folder holds the newest checkpoints: the next run seeds the relay with them.
+When the driver itself stops, the run folder holds the newest checkpoints: the next run seeds the relay with them
+(the newest readable one of each task: ``NAME``, else ``NAME.prev`` when ``NAME`` is damaged,
+:func:`lossglass.relay.newest_readable`).
 On GPU clusters each task asks Ray for ``gpus_per_task`` GPUs (see :meth:`RayExecutor.gpus_for`); where every task
 ran and on which device is written to ``placement/STAGE.json``.
 """
