@@ -101,6 +101,7 @@ class CurvatureStage(Stage):
             ctx.store.write_table("spectral_density", pd.concat(rows, ignore_index=True))
             steps.update(1)
         steps.close()
+        ctx.discard_partial("curvature")  # the groups' tables are in "flatness" now
         return {"n_data": len(prob.dataset.y_train), "tasks": len(tasks), "executor": ctx.executor.name}
 
     def estimate(self, cfg, sizes, est) -> None:

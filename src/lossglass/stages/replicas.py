@@ -135,6 +135,7 @@ class ReplicasStage(Stage):
             summary.append(a.row)
         ctx.store.write_table("replica_summary", pd.DataFrame(summary))
         ctx.store.write_table("pq", pd.concat(pq_rows, ignore_index=True))
+        ctx.discard_partial("replicas")  # the tasks' copies (K^2 overlap tables) are in the stage's tables now
         out = {"tasks": len(tasks), "executor": ctx.executor.name}
         return {"note": why, **out} if why else out
 
