@@ -72,10 +72,10 @@ class CurvatureStage(Stage):
         from ..protocols import curvature as K
 
         c, seed = ctx.cfg.curvature, ctx.cfg.seed
-        rep = ctx.alive()
+        n = len(ctx.alive())  # not kept while the tasks run: the driver holds one copy of the replicas (theirs)
         prob = ctx.problem.subset(c.n_hvp_data)
-        tasks = groups(len(rep))
-        ctx.note(f"curvature: flatness measures of {len(rep)} replicas on {len(prob.dataset.y_train)} samples, "
+        tasks = groups(n)
+        ctx.note(f"curvature: flatness measures of {n} replicas on {len(prob.dataset.y_train)} samples, "
                  f"{len(tasks)} task{'s' if len(tasks) > 1 else ''} of up to {GROUP}")
         names = ctx.run_tasks(self, tasks)
         steps = tqdm(total=3 if c.density else 2, desc="curvature", disable=not ctx.bars, leave=False)
@@ -94,6 +94,7 @@ class CurvatureStage(Stage):
         steps.update(1)
         if c.density:
             ctx.note("curvature: spectral densities")
+            rep = ctx.alive()
             rows = []
             for label, idx in (("flattest", int(df["lambda_max"].idxmin())), ("sharpest", int(df["lambda_max"].idxmax()))):
                 sd = K.spectral_density(prob, rep.theta[idx], steps=c.slq_steps, seed=seed)

@@ -113,15 +113,15 @@ class ReplicasStage(Stage):
         from .common import spec_missing
 
         c = ctx.cfg.replicas
-        rep = ctx.alive()
+        n = len(ctx.alive())  # not kept while the tasks run: the driver holds one copy of the replicas (theirs)
         problem = ctx.problem
-        check(len(rep) >= 4, f"the replicas stage needs at least 4 replicas, got {len(rep)}")
+        check(n >= 4, f"the replicas stage needs at least 4 replicas, got {n}")
         why = spec_missing(problem)
         labels = ["raw"] if why else ["aligned", "raw"]
         labels += ["functions"] if c.kind != "functions" else []
         labels += ["basin"] if c.basin_temperature > 0 else []
         tasks = [ReplicaSystem(label) for label in labels + ([] if why else ["layers"])]
-        ctx.note(f"replicas: {', '.join(labels)} overlaps of {len(rep)} replicas, each with its tree and "
+        ctx.note(f"replicas: {', '.join(labels)} overlaps of {n} replicas, each with its tree and "
                  f"ultrametricity test{'' if why else ', and the layer overlaps'}: {len(tasks)} tasks")
         names = ctx.run_tasks(self, tasks)
         summary, pq_rows = [], []
