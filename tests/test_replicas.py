@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy.cluster.hierarchy import fcluster
@@ -532,3 +533,33 @@ def test_cosine_overlaps_one_function_tiled_paired_and_exact():
         cosine_overlaps(v, w, paired=True)
     with pytest.raises(lg.LossglassError, match="tile must be a positive int"):
         cosine_overlaps(v, tile=0)
+
+
+def test_a_replica_system_task_hands_back_its_analysis_unchanged(tmp_path):
+    """What the replicas stage's tasks write (the row as key-value pairs, P(q)'s sample, the tree's tables) reads back
+    as the analysis itself: the same keys in the same order, the same values and types, NaN included."""
+    from lossglass.stages.base import TaskOutput
+    from lossglass.stages.replicas import TREE_TABLES, ReplicaSystem
+
+    x = np.random.default_rng(1).standard_normal((9, 40))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    a = R.analyse_overlaps(x @ x.T, label="network-raw")
+    a.row.update(equilibrated=True, n_data=200)
+    assert any(isinstance(v, float) and np.isnan(v) for v in a.row.values())  # e.g. within_p when not nested
+    store = lg.RunStore(tmp_path / "run")
+    out = TaskOutput().json("tasks/t", {"row": [[k, v] for k, v in a.row.items()]})
+    out.tensors("tasks/t", {"pq": torch.from_numpy(a.pq)})
+    for t in TREE_TABLES:
+        out.table(f"tasks/t-{t}", a.tables[t])
+    for rel, data in out.files:
+        store.write_bytes(rel, data)
+    b = ReplicaSystem.read(store, "tasks/t")
+    assert list(b.row) == list(a.row)
+    for k, v in a.row.items():
+        w = b.row[k]
+        assert type(w) is type(v) or (isinstance(v, float) and isinstance(w, float)), k
+        assert w == v or (isinstance(v, float) and np.isnan(v) and np.isnan(w)), k
+    assert np.array_equal(b.pq, a.pq) and b.pq.dtype == a.pq.dtype
+    for t in TREE_TABLES:
+        pd.testing.assert_frame_equal(b.tables[t], a.tables[t])
+    pd.testing.assert_frame_equal(pd.DataFrame([b.row]), pd.DataFrame([a.row]))
