@@ -18,7 +18,8 @@ Measured on torch 2.13 (MKL 2024.2, OpenMP backend; GitHub issue 13):
   (``MKL_CBWR``) is read when torch is imported and can no longer change once MKL has run; ``AUTO`` gave the same
   bits as the default here, so it is recorded, not set.
 
-Policy: every lossglass computation runs with one thread count, fixed per run: ``LOSSGLASS_THREADS`` when set,
+Policy: every lossglass computation runs with one thread count, fixed per run (pinned when a run, a CLI command or
+an entry such as ``train`` starts; importing the package pins nothing): ``LOSSGLASS_THREADS`` when set,
 else the count torch has in the process that starts the run (``torch.set_num_threads`` or ``OMP_NUM_THREADS``
 decide it, as usual). Ray tasks get the driver's count (and reserve as many CPUs), whatever ``OMP_NUM_THREADS``
 Ray gives its workers. The same count, code, torch build and CPU model give the same bytes; a different thread
@@ -159,8 +160,10 @@ def configure(threads: int | None = None) -> dict:
     ``threads``: the intra-op thread count. Without it: the count an earlier ``configure(threads)`` fixed in this
     process (it holds until the next one: a resumed run keeps its recorded count), else ``LOSSGLASS_THREADS`` when
     set, else the count torch has now (so ``torch.set_num_threads`` or ``OMP_NUM_THREADS`` still decide). OpenMP
-    dynamic teams are switched off in the calling thread. Idempotent and cheap (0.1 ms): the package calls it on
-    import, the executors before every task."""
+    dynamic teams are switched off in the calling thread. Idempotent and cheap (0.1 ms). Importing lossglass does not
+    call it (a library changes no process-wide setting as it is imported): the entries whose results it fixes do,
+    before their first reduction: the CLI, :func:`lossglass.run_study` (a study's run), :func:`lossglass.train`,
+    :func:`lossglass.analyze`, :func:`lossglass.datasets.load`, and the executors before every task."""
     import torch
 
     with _lock:
@@ -207,18 +210,3 @@ def run_pinned(threads: int, fn, *args):
     with ``OMP_NUM_THREADS=1``, the run it belongs to may have another count)."""
     configure(threads)
     return fn(*args)
-
-
-def _configure_on_import() -> None:
-    """On import of the package, before any of lossglass's BLAS calls or reductions; a bad ``LOSSGLASS_THREADS``
-    is reported here as a warning and raised by the executors (the CLI prints it as one line)."""
-    try:
-        configure()
-    except LossglassError as e:
-        import warnings
-
-        warnings.warn(f"lossglass: {e}; threads left as torch has them", stacklevel=3)
-        _omp_dynamic_off()
-
-
-_configure_on_import()
