@@ -161,9 +161,8 @@ def configure(threads: int | None = None) -> dict:
     process (it holds until the next one: a resumed run keeps its recorded count), else ``LOSSGLASS_THREADS`` when
     set, else the count torch has now (so ``torch.set_num_threads`` or ``OMP_NUM_THREADS`` still decide). OpenMP
     dynamic teams are switched off in the calling thread. Idempotent and cheap (0.1 ms). Importing lossglass does not
-    call it (a library changes no process-wide setting as it is imported): the entries whose results it fixes do,
-    before their first reduction: the CLI, :func:`lossglass.run_study` (a study's run), :func:`lossglass.train`,
-    :func:`lossglass.analyze`, :func:`lossglass.datasets.load`, and the executors before every task."""
+    call it (a library changes no process-wide setting as it is imported): the executors do before every task, and
+    the entries whose results depend on it pin once as they start (:func:`pin_once`)."""
     import torch
 
     with _lock:
@@ -203,6 +202,16 @@ def numerics() -> dict:
         "env": {k: os.environ[k] for k in ENV_KEYS if k in os.environ},
         "guarantee": GUARANTEE,
     }
+
+
+def pin_once() -> None:
+    """:func:`configure` unless this process has pinned already: what the entries whose results depend on the
+    thread count call as they start (the CLI, a study's run, ``train``, ``analyze``, ``datasets.load``). The first one
+    pins (``LOSSGLASS_THREADS`` or torch's count, OpenMP teams fixed), later ones leave the count alone, so a count a
+    run or ``configure(threads)`` fixed, or one the user set after the first entry, holds; importing the package
+    pins nothing. A bad ``LOSSGLASS_THREADS`` raises a :class:`LossglassError` here (and nothing is pinned)."""
+    if _state["source"] is None:
+        configure()
 
 
 def run_pinned(threads: int, fn, *args):
