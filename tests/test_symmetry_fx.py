@@ -11,6 +11,7 @@ from lossglass.byo import import_checkpoints
 from lossglass.symmetry import _entries, derive_spec, mlp_spec, permute_state, spec_of
 
 from .conftest import image_task
+from .symmetry_catalogue import Branchy, Cumsum, Gru, Outer, ResidualBN
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,24 +19,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def images():
     return image_task(100, 20)
-
-
-class ResidualBN(nn.Module):
-    """A free-form residual CNN with BatchNorm: the case of issue 17 (a stream shared by two blocks)."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-        self.c1, self.b1 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.c2, self.b2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4 * 16, 3)
-
-    def forward(self, x):
-        h = torch.relu(self.bn(self.conv(x.view(-1, 1, 8, 8))))
-        h = torch.relu(h + self.b1(self.c1(h)))
-        h = torch.relu(h + self.b2(self.c2(h)))
-        return self.fc(F.max_pool2d(h, 2).flatten(1))
 
 
 def _random_statistics(model: nn.Module, seed: int) -> nn.Module:
@@ -93,59 +76,17 @@ def test_residual_stream_is_one_permutation_and_buffers_move_with_channels():
 
 
 def test_unknown_op_and_untraceable_module_are_named():
-    class Cumsum(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 2)
-
-        def forward(self, x):
-            return self.b(torch.cumsum(torch.relu(self.a(x)), -1))
-
     with pytest.raises(lg.LossglassError, match=r"torch\.cumsum.*symmetry is unknown.*model\.spec"):
         derive_spec(Cumsum(), torch.zeros(2, 4))
-
-    class Branchy(Cumsum):
-        def forward(self, x):
-            h = self.a(x)
-            return self.b(h if h.sum() > 0 else -h)  # data-dependent control flow
-
     with pytest.raises(lg.LossglassError, match="cannot be traced by torch.fx"):
-        derive_spec(Branchy(), torch.zeros(2, 4))
-
-    class Gru(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.rnn, self.b = nn.Linear(4, 5), nn.GRU(5, 5, batch_first=True), nn.Linear(5, 2)
-
-        def forward(self, x):
-            return self.b(self.rnn(self.a(x).unsqueeze(1))[0][:, -1])
-
+        derive_spec(Branchy(), torch.zeros(2, 4))  # data-dependent control flow
     with pytest.raises(lg.LossglassError, match=r"module 'rnn' \(GRU\)"):
         derive_spec(Gru(), torch.zeros(2, 4))
 
 
 def test_a_wrong_declared_rule_is_caught_by_the_verification():
-    class Bad(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)
-
-        def forward(self, x):
-            return self.b(torch.tanh(self.a(x)))
-
-        def permutation_rule(self):  # forgets the columns of b
-            return {"internal": {"hidden": [("a.weight", 0), ("a.bias", 0)]}}
-
-    class Outer(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.net = Bad()
-
-        def forward(self, x):
-            return self.net(x)
-
     with pytest.raises(lg.LossglassError, match="derived permutation spec of Outer is wrong"):
-        derive_spec(Outer(), torch.randn(2, 4))
+        derive_spec(Outer(), torch.randn(2, 4))  # its inner module's permutation_rule forgets the columns of b
 
 
 def test_shape_probe_leaves_running_statistics_untouched(images):

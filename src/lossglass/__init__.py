@@ -25,7 +25,7 @@ Example::
     print(lg.ultrametricity(lg.distances_from_overlaps(q)).summary["verdict"])
 """
 
-# first: importing _determinism pins the thread count and fixes OpenMP team sizes (issue 13)
+# importing changes no thread setting: runs, the CLI and entries such as train pin them as they start (issue 13)
 from ._determinism import numerics as numerics  # noqa: I001
 from . import datasets, models
 from .errors import LossglassError

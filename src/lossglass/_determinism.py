@@ -18,7 +18,8 @@ Measured on torch 2.13 (MKL 2024.2, OpenMP backend; GitHub issue 13):
   (``MKL_CBWR``) is read when torch is imported and can no longer change once MKL has run; ``AUTO`` gave the same
   bits as the default here, so it is recorded, not set.
 
-Policy: every lossglass computation runs with one thread count, fixed per run: ``LOSSGLASS_THREADS`` when set,
+Policy: every lossglass computation runs with one thread count, fixed per run (pinned when a run, a CLI command or
+an entry such as ``train`` starts; importing the package pins nothing): ``LOSSGLASS_THREADS`` when set,
 else the count torch has in the process that starts the run (``torch.set_num_threads`` or ``OMP_NUM_THREADS``
 decide it, as usual). Ray tasks get the driver's count (and reserve as many CPUs), whatever ``OMP_NUM_THREADS``
 Ray gives its workers. The same count, code, torch build and CPU model give the same bytes; a different thread
@@ -159,8 +160,9 @@ def configure(threads: int | None = None) -> dict:
     ``threads``: the intra-op thread count. Without it: the count an earlier ``configure(threads)`` fixed in this
     process (it holds until the next one: a resumed run keeps its recorded count), else ``LOSSGLASS_THREADS`` when
     set, else the count torch has now (so ``torch.set_num_threads`` or ``OMP_NUM_THREADS`` still decide). OpenMP
-    dynamic teams are switched off in the calling thread. Idempotent and cheap (0.1 ms): the package calls it on
-    import, the executors before every task."""
+    dynamic teams are switched off in the calling thread. Idempotent and cheap (0.1 ms). Importing lossglass does not
+    call it (a library changes no process-wide setting as it is imported): the executors do before every task, and
+    the entries whose results depend on it pin once as they start (:func:`pin_once`)."""
     import torch
 
     with _lock:
@@ -202,23 +204,18 @@ def numerics() -> dict:
     }
 
 
+def pin_once() -> None:
+    """:func:`configure` unless this process has pinned already: what the entries whose results depend on the
+    thread count call as they start (the CLI, a study's run, ``train``, ``analyze``, ``datasets.load``). The first one
+    pins (``LOSSGLASS_THREADS`` or torch's count, OpenMP teams fixed), later ones leave the count alone, so a count a
+    run or ``configure(threads)`` fixed, or one the user set after the first entry, holds; importing the package
+    pins nothing. A bad ``LOSSGLASS_THREADS`` raises a :class:`LossglassError` here (and nothing is pinned)."""
+    if _state["source"] is None:
+        configure()
+
+
 def run_pinned(threads: int, fn, *args):
     """Run ``fn(*args)`` after :func:`configure` with ``threads`` (a task on a worker process: a Ray worker starts
     with ``OMP_NUM_THREADS=1``, the run it belongs to may have another count)."""
     configure(threads)
     return fn(*args)
-
-
-def _configure_on_import() -> None:
-    """On import of the package, before any of lossglass's BLAS calls or reductions; a bad ``LOSSGLASS_THREADS``
-    is reported here as a warning and raised by the executors (the CLI prints it as one line)."""
-    try:
-        configure()
-    except LossglassError as e:
-        import warnings
-
-        warnings.warn(f"lossglass: {e}; threads left as torch has them", stacklevel=3)
-        _omp_dynamic_off()
-
-
-_configure_on_import()

@@ -150,11 +150,13 @@ def analyze(models, data, loss: str = "cross_entropy", *, n_classes: int | None 
     filter-normalised directions around the first model (:func:`lossglass.plane`).
 
     BatchNorm keeps each model's own running statistics (eval mode). The models are not modified."""
+    from ._determinism import pin_once
     from .problem import Problem
     from .protocols.connect import interpolate
     from .protocols.connect import plane as plane_fn
     from .protocols.curvature import sharpness, top_eigenvalues, trace
 
+    pin_once()  # the thread count and OpenMP teams that fix the bits (lossglass._determinism)
     many = isinstance(models, (list, tuple))
     models = list(models) if many else [models]
     check(len(models) > 0 and all(isinstance(m, nn.Module) for m in models),

@@ -583,6 +583,9 @@ def main(argv: list[str] | None = None) -> int:
     stdout = sys.stdout
     sys.stdout = _PrintableStream(stdout)  # whatever a command prints, folder text included, reaches it escaped
     try:
+        from ._determinism import pin_once
+
+        pin_once()  # every command: the thread count and OpenMP teams that fix the bits (importing pins nothing)
         return args.fn(args)
     except LossglassError as e:
         print(f"lossglass: error: {printable(str(e), one_line=True)}", file=sys.stderr)

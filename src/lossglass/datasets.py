@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ._determinism import pin_once
 from .errors import LossglassError, check, choice
 
 DEFAULT_DIRS = {
@@ -333,6 +334,7 @@ def load(name: str, *, n_train: int | None = None, n_test: int | None = None, se
     Inputs are scaled x -> (x/255 - mu)/sigma with the scalar mean and standard deviation of the training
     set, flattened and float32. ``n_train``/``n_test`` take a deterministic random subset (``seed``).
     """
+    pin_once()  # the normalisation below is a full reduction: its last bits depend on the thread count
     choice("data set", name, NAMES)
     if name == "teacher":
         return teacher(n_train or 2000, n_test or 1000, seed=seed, **kwargs)

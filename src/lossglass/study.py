@@ -312,6 +312,9 @@ class Study:
     def run(self, stages=STAGES, force: bool = False, allow: tuple[str, ...] = ()) -> RunStore:
         """Prepare the folder and run ``stages``, holding the folder's writer lock throughout (a second writer stops
         with one line naming this process)."""
+        from ._determinism import pin_once
+
+        pin_once()  # the thread count, before the data are loaded (their normalisation is a reduction); prepare() fixes it
         self.inputs()  # checked before the folder is touched (the lock file is a write)
         with self.store.writer(), _sigterm_as_interrupt():
             return self._run(stages, force, allow)

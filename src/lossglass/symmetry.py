@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
@@ -384,38 +385,44 @@ class _Groups:
 _NORMS = (*BATCHNORM_TYPES, nn.LayerNorm, nn.GroupNorm)
 _LEAVES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding) + _NORMS
 _ELEMENTWISE_MODULES = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Softplus, nn.Mish,
-                        nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Softsign)
-_POOLS = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_UNARY_FUNCTIONS = {torch.relu, F.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu, F.softplus, F.leaky_relu, F.elu,
+                        nn.Hardtanh, nn.ReLU6, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Softsign,
+                        nn.Dropout3d, nn.AlphaDropout, nn.SELU, nn.CELU, nn.Hardswish, nn.Hardsigmoid, nn.Softmax,
+                        nn.LogSoftmax)
+#: pooling modules and functions -> how many trailing (spatial) axes they pool over
+_POOL_MODULES = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3, nn.AvgPool1d: 1, nn.AvgPool2d: 2, nn.AvgPool3d: 3,
+                 nn.AdaptiveAvgPool1d: 1, nn.AdaptiveAvgPool2d: 2, nn.AdaptiveAvgPool3d: 3, nn.AdaptiveMaxPool1d: 1,
+                 nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+_POOL_FUNCTIONS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3, torch.max_pool1d: 1, torch.max_pool2d: 2,
+                   torch.max_pool3d: 3, F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3, F.adaptive_avg_pool1d: 1,
+                   F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3, F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2,
+                   F.adaptive_max_pool3d: 3, F.max_pool1d_with_indices: 1, F.max_pool2d_with_indices: 2,
+                   F.max_pool3d_with_indices: 3, F.adaptive_max_pool1d_with_indices: 1,
+                   F.adaptive_max_pool2d_with_indices: 2, F.adaptive_max_pool3d_with_indices: 3,
+                   torch.adaptive_avg_pool1d: 1, torch.adaptive_max_pool1d: 1}
+_UNARY_FUNCTIONS = (torch.relu, F.relu, F.gelu, torch.tanh, torch.sigmoid, F.silu, F.softplus, F.leaky_relu, F.elu,
                     F.dropout, torch.exp, torch.neg, torch.abs, torch.sqrt, torch.rsqrt, operator.neg, torch.clone,
-                    F.mish, torch.square}
-_UNARY_METHODS = {"relu", "tanh", "sigmoid", "exp", "neg", "abs", "sqrt", "rsqrt", "contiguous", "clone", "float",
-                  "double", "half", "long", "int", "to", "type_as", "detach", "square"}
-_BINARY_FUNCTIONS = {operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
+                    F.mish, torch.square, F.relu6, F.hardtanh, F.hardswish, F.hardsigmoid, F.selu, F.celu, F.softsign,
+                    F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, torch.selu, torch.celu,
+                    F.softmax, torch.softmax, F.log_softmax, torch.log_softmax)
+_UNARY_METHODS = ("relu", "tanh", "sigmoid", "exp", "neg", "abs", "sqrt", "rsqrt", "contiguous", "clone", "float",
+                  "double", "half", "long", "int", "to", "type_as", "detach", "square", "softmax", "log_softmax")
+_BINARY_FUNCTIONS = (operator.add, operator.iadd, operator.sub, operator.isub, operator.mul, operator.imul,
                      operator.truediv, operator.itruediv, torch.add, torch.sub, torch.mul, torch.div, torch.maximum,
-                     torch.minimum, torch.masked_fill, torch.where}
-_BINARY_METHODS = {"add", "sub", "mul", "div", "masked_fill", "add_", "mul_", "sub_", "div_", "masked_fill_"}
-_SOFTMAX = {F.softmax, torch.softmax, F.log_softmax, torch.log_softmax}
-_REDUCTIONS_FN = {torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, torch.var, torch.std}
-_REDUCTION_METHODS = {"mean", "sum", "amax", "amin", "logsumexp", "var", "std"}
-_SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze}
-_SHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "expand", "expand_as"}
+                     torch.minimum, torch.masked_fill, torch.where)
+_BINARY_METHODS = ("add", "sub", "mul", "div", "masked_fill", "add_", "mul_", "sub_", "div_", "masked_fill_")
+_REDUCTION_FUNCTIONS = (torch.mean, torch.sum, torch.amax, torch.amin, torch.logsumexp, torch.var, torch.std)
+_REDUCTION_METHODS = ("mean", "sum", "amax", "amin", "logsumexp", "var", "std")
+_SHAPE_FUNCTIONS = (torch.flatten, torch.reshape, torch.unsqueeze, torch.squeeze)
+_SHAPE_METHODS = ("view", "reshape", "flatten", "unflatten", "unsqueeze", "squeeze", "expand", "expand_as")
 
 
-class _Tracer:
+class _Tracer(fx.Tracer):
     """A torch.fx tracer that keeps layers with known symmetry rules (and modules declaring ``permutation_rule``)
     as leaves."""
 
-    def __new__(cls):
-        import torch.fx as fx
-
-        class T(fx.Tracer):
-            def is_leaf_module(self, m, qualname):
-                return (isinstance(m, _LEAVES) or callable(getattr(m, "permutation_rule", None))
-                        or super().is_leaf_module(m, qualname))
-
-        return T()
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return (isinstance(m, _LEAVES) or callable(getattr(m, "permutation_rule", None))
+                or super().is_leaf_module(m, qualname))
 
 
 def _unsupported(what: str) -> LossglassError:
@@ -468,9 +475,314 @@ def _getitem_axis(v: _Val, idx, s_in: tuple, s_out: tuple, what: str) -> _Val | 
     raise _unsupported(what)
 
 
-def _analyse(model: nn.Module, example_input: torch.Tensor):
-    """Trace ``model`` and propagate permutation groups through its graph. Returns (groups, vals, named order)."""
-    import torch.fx as fx
+@dataclass(frozen=True, eq=False)
+class _Sym:
+    """What :class:`_Propagate` knows of one traced value: its ``shape`` (None for what is not a tensor: sizes,
+    dims, tuples), whether it is a tuple of tensors (a recurrent layer's outputs, a pool's values and indices) and
+    ``val``, its permuted axis (a :class:`_Val`, a tuple of them for a tuple of tensors, or None)."""
+
+    shape: tuple | None
+    val: _Val | tuple | None
+    is_tuple: bool = False
+
+    @property
+    def is_value(self) -> bool:
+        return self.shape is not None or self.is_tuple
+
+
+def _sym_val(a) -> _Val | tuple | None:
+    """The permuted axis of an argument: None for constants (numbers, dims, slices) and unpermuted tensors."""
+    return a.val if isinstance(a, _Sym) else None
+
+
+def _sym_shape(a) -> tuple | None:
+    return a.shape if isinstance(a, _Sym) else None
+
+
+class _Propagate(fx.Interpreter):
+    """Abstract interpretation of a traced model (a :class:`torch.fx.Interpreter` whose values are :class:`_Sym`):
+    every node's handler maps the permuted axes of its inputs to that of its output, creating groups of units
+    (Linear, convolution, embedding, parameters used directly), joining them (residual sums, products, norm
+    layers) and freezing those that reach the input or the output. Shapes come from one real run
+    (``ShapeProp``) beforehand. Handlers are looked up in dispatch tables: by module type, by function, by method
+    name; an op in none of them is an error when it touches permutable features, else passes nothing on."""
+
+    def __init__(self, gm: fx.GraphModule, shapes: dict, tuples: set, params: dict):
+        super().__init__(gm)
+        self.extra_traceback = False  # its messages are ours: one line, naming the op
+        self.shapes, self.tuples, self.params = shapes, tuples, params
+        self.mods = dict(gm.named_modules())
+        self.groups = _Groups()
+
+    # ---- the node loop
+    def run_node(self, n: fx.Node) -> _Sym:
+        self.what = describe_node(n, self.mods)
+        self.s_out, self.is_tuple = self.shapes.get(n.name), n.name in self.tuples
+        is_value = self.s_out is not None or self.is_tuple
+        if (not is_value and n.op in ("call_module", "call_function", "call_method")
+                and not (n.op == "call_module" and self._rule_of(n.target) is not None)):
+            args, _ = self.fetch_args_kwargs_from_env(n)  # sizes, dims, shapes: not tensors
+            tup = _sym_val(args[0]) if n.op == "call_function" and n.target is operator.getitem else None
+            val = tup[args[1]] if isinstance(tup, tuple) else None
+        else:
+            val = super().run_node(n)
+        return _Sym(self.s_out, val, self.is_tuple)
+
+    def _rule_of(self, target: str):
+        rule = getattr(self.mods[target], "permutation_rule", None)
+        return rule if callable(rule) else None
+
+    # ---- the six kinds of node
+    def placeholder(self, target, args, kwargs) -> None:
+        return None  # the input: its axes may not be permuted
+
+    def get_attr(self, target, args, kwargs) -> _Val | None:
+        p = self.params.get(target)
+        return None if p is None or p.ndim == 0 else _Val(-1, self.groups.new(p.shape[-1], [(target, p.ndim - 1)]))
+
+    def output(self, target, args, kwargs) -> None:
+        outs = args[0] if isinstance(args[0], (tuple, list)) else (args[0],)
+        for o in outs:
+            if isinstance(_sym_val(o), _Val):
+                self.groups.freeze(o.val.group)
+
+    def call_module(self, target, args, kwargs):
+        m = self.mods[target]
+        rule = self._rule_of(target)
+        if rule is not None:
+            return self._declared(target, rule(), args)
+        for types, handler in self.MODULE_RULES:
+            if isinstance(m, types):
+                return handler(self, target, args, kwargs)
+        return self._unknown(args, kwargs)
+
+    def call_function(self, target, args, kwargs):
+        handler = self.FUNCTION_RULES.get(target)
+        return self._unknown(args, kwargs) if handler is None else handler(self, target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        handler = self.METHOD_RULES.get(target)
+        return self._unknown(args, kwargs) if handler is None else handler(self, target, args, kwargs)
+
+    # ---- helpers
+    def _unknown(self, args, kwargs) -> None:
+        """An op without a rule: fine when none of its tensor inputs carries permutable features."""
+        for a in list(args) + list(kwargs.values()):
+            for b in (a if isinstance(a, (tuple, list)) else (a,)):
+                if isinstance(b, _Sym) and b.is_value and b.val is not None:
+                    raise _unsupported(self.what)
+        return None
+
+    def _reads(self, v: _Val | None, entries, axis: int | None = None) -> None:
+        """A layer reads features of ``v``: its entries join v's group (with v's block and outer)."""
+        if v is None:
+            return
+        if axis is not None and v.axis != axis:
+            raise _unsupported(f"{self.what} (it reads axis {axis} but the permutable features are on axis "
+                               f"{v.axis})")
+        for e in entries:
+            self.groups.add(v.group, (e[0], e[1], v.block * (e[2] if len(e) > 2 else 1),
+                                      v.outer * (e[3] if len(e) > 3 else 1)))
+
+    def _channelwise(self, v: _Val | None, entries, axis: int) -> _Val | None:
+        """A per-channel layer (norm): its entries join v's group, the output keeps v."""
+        if v is None:
+            return None
+        if v.axis != axis or v.block != 1 or v.outer != 1:
+            raise _unsupported(f"{self.what} (it acts per entry of axis {axis}; the permutable features are on "
+                               f"axis {v.axis} in blocks of {v.block})")
+        for e in entries:
+            self.groups.add(v.group, e)
+        return v
+
+    def _combine(self, a, b) -> _Val | None:
+        """Two operands combined entry by entry: permuted together (one group), or the permuted one is fixed
+        when the other is not permuted with it along that axis."""
+        va, vb = _sym_val(a), _sym_val(b)
+        sa, sb = _sym_shape(a), _sym_shape(b)
+        if va is not None and vb is not None:
+            if (va.axis, va.block, va.outer) != (vb.axis, vb.block, vb.outer):
+                raise _unsupported(f"{self.what} (its operands hold the permutable features on different axes)")
+            self.groups.union(va.group, vb.group, self.what)
+            return va
+        v, s_other = (va, sb) if va is not None else (vb, sa)
+        if v is None:
+            return None
+        if s_other is not None and len(s_other) >= -v.axis and s_other[v.axis] != 1:
+            self.groups.freeze(v.group)  # combined entry by entry with something that is not permuted with it
+            return None
+        return v
+
+    # ---- handlers, one per kind of op: (self, target, args, kwargs) -> the output's permuted axis; for a module
+    # the target is its qualified name (its parameters are named target.weight, ...)
+    def _declared(self, target: str, r: dict, args) -> _Val | None:
+        """A module's ``permutation_rule()``: entries that read the input's features ("in"), that make the
+        output's ("out") and internal groups of their own ("internal", named ``module.name``)."""
+        pre, out = f"{target}.", None
+        self._reads(_sym_val(args[0]) if args else None, [(pre + e[0], *e[1:]) for e in r.get("in", [])], -1)
+        outs = r.get("out", [])
+        if outs:
+            e0 = _entries(outs[:1])[0]
+            units = self.params[pre + e0[0]].shape[e0[1]] // (e0[2] * e0[3])
+            out = _Val(-1, self.groups.new(units, [(pre + e[0], *e[1:]) for e in outs]))
+        for name, entries in r.get("internal", {}).items():
+            e0 = _entries(entries)[0]
+            units = self.params[pre + e0[0]].shape[e0[1]] // (e0[2] * e0[3])
+            self.groups.new(units, [(pre + e[0], *e[1:]) for e in entries], name=f"{target}.{name}")
+        return out
+
+    def _linear(self, target: str, args, kwargs) -> _Val:
+        """y = x W^T + b: the columns of W join the input's group, the rows of W and b are a new group."""
+        m, pre = self.mods[target], f"{target}."
+        self._reads(_sym_val(args[0]), [(pre + "weight", 1)], -1)
+        bias = [(pre + "bias", 0)] if m.bias is not None else []
+        return _Val(-1, self.groups.new(m.out_features, [(pre + "weight", 0)] + bias))
+
+    def _conv(self, target: str, args, kwargs) -> _Val | None:
+        """A convolution: input channels (weight axis 1) join the input's group, output channels are new;
+        a depthwise one keeps its channels; other grouped convolutions are refused."""
+        m, pre = self.mods[target], f"{target}."
+        ch = -(len(m.kernel_size) + 1)
+        bias = [(pre + "bias", 0)] if m.bias is not None else []
+        v0 = _sym_val(args[0])
+        if m.groups == 1:
+            self._reads(v0, [(pre + "weight", 1)], ch)
+            return _Val(ch, self.groups.new(m.out_channels, [(pre + "weight", 0)] + bias))
+        if m.groups == m.in_channels == m.out_channels:  # depthwise: channels stay where they are
+            return self._channelwise(v0, [(pre + "weight", 0)] + bias, ch)
+        raise _unsupported(f"{self.what} (grouped convolution with {m.groups} groups)")
+
+    def _batchnorm(self, target: str, args, kwargs) -> _Val | None:
+        m, pre = self.mods[target], f"{target}."
+        entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
+        entries += [(pre + n, 0) for n in ("running_mean", "running_var") if getattr(m, n, None) is not None]
+        return self._channelwise(_sym_val(args[0]), entries, 1 - len(_sym_shape(args[0])))
+
+    def _layernorm(self, target: str, args, kwargs) -> _Val | None:
+        m, pre = self.mods[target], f"{target}."
+        v0 = _sym_val(args[0])
+        if v0 is not None and len(m.normalized_shape) != 1:
+            raise _unsupported(f"{self.what} (normalised over {len(m.normalized_shape)} axes)")
+        entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
+        return self._channelwise(v0, entries, -1)
+
+    def _groupnorm(self, target: str, args, kwargs) -> _Val | None:
+        m, pre = self.mods[target], f"{target}."
+        v0 = _sym_val(args[0])
+        if v0 is not None and m.num_groups not in (1, m.num_channels):
+            raise _unsupported(f"{self.what} ({m.num_groups} groups: only permutations within a group are "
+                               "symmetries)")
+        entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
+        return self._channelwise(v0, entries, 1 - len(_sym_shape(args[0])))
+
+    def _embedding(self, target: str, args, kwargs) -> _Val:
+        m, pre = self.mods[target], f"{target}."
+        if _sym_val(args[0]) is not None:
+            raise _unsupported(f"{self.what} (its indices carry permutable features)")
+        return _Val(-1, self.groups.new(m.embedding_dim, [(pre + "weight", 1)]))
+
+    def _pool_module(self, target: str, args, kwargs):
+        return self._pool(args, next(k for t, k in _POOL_MODULES.items() if isinstance(self.mods[target], t)))
+
+    def _same(self, target, args, *rest) -> _Val | None:
+        """Element-wise (activations, dropout, casts) or along the classes (softmax): the axis passes on."""
+        return _sym_val(args[0]) if args else None
+
+    def _reshape(self, target, args, *rest) -> _Val | None:
+        v0 = _sym_val(args[0]) if args else None
+        return None if v0 is None else _reshape_axis(v0, _sym_shape(args[0]), self.s_out, self.what)
+
+    def _binary_function(self, target, args, kwargs) -> _Val | None:
+        syms = [a for a in args if isinstance(a, _Sym)]
+        if len(syms) == 1:
+            return syms[0].val
+        if not syms:
+            return _sym_val(args[0]) if args else None
+        out = self._combine(syms[0], syms[1])
+        for extra in syms[2:]:
+            out = self._combine(syms[0], extra) if out is not None else out
+        return out
+
+    def _binary_method(self, target, args, kwargs) -> _Val | None:
+        other = args[1] if len(args) > 1 else None
+        return self._combine(args[0], other) if isinstance(other, _Sym) else _sym_val(args[0])
+
+    def _reduce(self, target, args, kwargs) -> _Val | None:
+        """A sum, mean, max, ... over ``dim``: invariant when it runs over the permuted units."""
+        v, s_in = _sym_val(args[0]), _sym_shape(args[0])
+        dims = args[1] if len(args) > 1 else kwargs.get("dim")
+        keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+        if v is None or dims is None:
+            return None
+        dims = [dims] if isinstance(dims, int) else list(dims)
+        nd = len(s_in)
+        dims = sorted(d % nd for d in dims)
+        a = _pos(v.axis, nd)
+        if a in dims:
+            return None  # a sum or mean over the permuted units is invariant
+        return v if keep else _Val(a - sum(1 for d in dims if d < a) - len(self.s_out), v.group, v.block, v.outer)
+
+    def _pool_function(self, target, args, kwargs):
+        return self._pool(args, _POOL_FUNCTIONS[target])
+
+    def _pool(self, args, k: int):
+        """Pooling over the last ``k`` axes: the permuted axis must be another one (the channels). A pool that also
+        returns where the maxima were (``return_indices``) gives (values, indices), the indices not permuted."""
+        v0, s_in = _sym_val(args[0]), _sym_shape(args[0])
+        if v0 is not None and _pos(v0.axis, len(s_in)) >= len(s_in) - k:
+            raise _unsupported(f"{self.what} (it pools over the permutable axis)")
+        return (v0, None) if self.is_tuple else v0
+
+    def _getitem(self, target, args, kwargs) -> _Val | None:
+        v0 = _sym_val(args[0])
+        if isinstance(v0, tuple):
+            return v0[args[1]]
+        return None if v0 is None else _getitem_axis(v0, args[1], _sym_shape(args[0]), self.s_out, self.what)
+
+    def _cat(self, target, args, kwargs) -> _Val | None:
+        """Concatenation: of tensors permuted together, along an axis other than theirs."""
+        items = [_sym_val(a) for a in args[0]]
+        dim = args[1] if len(args) > 1 else kwargs.get("dim", 0)
+        if all(v is None for v in items):
+            return None
+        if any(v is None for v in items) or _pos(items[0].axis, len(self.s_out)) == dim % len(self.s_out):
+            raise _unsupported(f"{self.what} (concatenation of permutable features)")
+        for v in items[1:]:
+            self.groups.union(items[0].group, v.group, self.what)
+        return items[0]
+
+    def _transpose(self, target, args, kwargs) -> _Val | None:
+        v0, s_in = _sym_val(args[0]), _sym_shape(args[0])
+        if v0 is None:
+            return None
+        nd = len(s_in)
+        a = _pos(v0.axis, nd)
+        if target == "transpose":
+            d0, d1 = args[1] % nd, args[2] % nd
+            order = list(range(nd))
+            order[d0], order[d1] = order[d1], order[d0]
+        else:
+            order = [d % nd for d in (args[1] if isinstance(args[1], (tuple, list)) else args[1:])]
+        return _Val(order.index(a) - nd, v0.group, v0.block, v0.outer)
+
+
+    # ---- the dispatch tables: (module types, handler) tried in order (the first type that matches applies; modules
+    # declaring ``permutation_rule()`` come first), function -> handler, method name -> handler
+    MODULE_RULES = ((nn.Linear, _linear), ((nn.Conv1d, nn.Conv2d, nn.Conv3d), _conv), (BATCHNORM_TYPES, _batchnorm),
+                    (nn.LayerNorm, _layernorm), (nn.GroupNorm, _groupnorm), (nn.Embedding, _embedding),
+                    (_ELEMENTWISE_MODULES, _same), (tuple(_POOL_MODULES), _pool_module),
+                    ((nn.Flatten, nn.Unflatten), _reshape))
+    FUNCTION_RULES = {**dict.fromkeys(_UNARY_FUNCTIONS, _same), **dict.fromkeys(_BINARY_FUNCTIONS, _binary_function),
+                      **dict.fromkeys(_SHAPE_FUNCTIONS, _reshape), **dict.fromkeys(_REDUCTION_FUNCTIONS, _reduce),
+                      **dict.fromkeys(_POOL_FUNCTIONS, _pool_function), operator.getitem: _getitem, torch.cat: _cat}
+    METHOD_RULES = {**dict.fromkeys(_UNARY_METHODS, _same), **dict.fromkeys(_BINARY_METHODS, _binary_method),
+                    **dict.fromkeys(_SHAPE_METHODS, _reshape), **dict.fromkeys(_REDUCTION_METHODS, _reduce),
+                    "transpose": _transpose, "permute": _transpose}
+
+
+def _analyse(model: nn.Module, example_input: torch.Tensor) -> tuple[_Groups, dict]:
+    """Trace ``model``, run it once on ``example_input`` for the shapes, and propagate permutation groups through
+    its graph (:class:`_Propagate`). Returns (groups, named parameters)."""
     from torch.fx.passes.shape_prop import ShapeProp
 
     try:
@@ -493,236 +805,10 @@ def _analyse(model: nn.Module, example_input: torch.Tensor):
         shapes[n.name] = tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
         if meta is not None and not hasattr(meta, "shape"):
             tuples.add(n.name)  # a tuple of tensors (e.g. a recurrent layer's outputs)
-    mods = dict(gm.named_modules())
     params = dict(model.named_parameters())
-    G = _Groups()
-    vals: dict = {}
-
-    def val(a):
-        return vals.get(a.name) if isinstance(a, fx.Node) else None
-
-    def tensor_args(node):
-        out = []
-        for a in list(node.args) + list(node.kwargs.values()):
-            for b in (a if isinstance(a, (tuple, list)) else (a,)):
-                if isinstance(b, fx.Node) and (shapes.get(b.name) is not None or b.name in tuples):
-                    out.append(b)
-        return out
-
-    def shape(a):
-        return shapes.get(a.name) if isinstance(a, fx.Node) else None
-
-    def reads(v: _Val | None, entries, what: str, axis: int | None = None) -> None:
-        """A layer reads features of ``v``: its entries join v's group (with v's block and outer)."""
-        if v is None:
-            return
-        if axis is not None and v.axis != axis:
-            raise _unsupported(f"{what} (it reads axis {axis} but the permutable features are on axis {v.axis})")
-        for e in entries:
-            G.add(v.group, (e[0], e[1], v.block * (e[2] if len(e) > 2 else 1), v.outer * (e[3] if len(e) > 3 else 1)))
-
-    def channelwise(v: _Val | None, entries, what: str, axis: int) -> _Val | None:
-        """A per-channel layer (norm): its entries join v's group, the output keeps v."""
-        if v is None:
-            return None
-        if v.axis != axis or v.block != 1 or v.outer != 1:
-            raise _unsupported(f"{what} (it acts per entry of axis {axis}; the permutable features are on axis "
-                               f"{v.axis} in blocks of {v.block})")
-        for e in entries:
-            G.add(v.group, e)
-        return v
-
-    def binary(node, a, b, what):
-        va, vb = val(a), val(b)
-        sa, sb = shape(a), shape(b)
-        if va is not None and vb is not None:
-            if (va.axis, va.block, va.outer) != (vb.axis, vb.block, vb.outer):
-                raise _unsupported(f"{what} (its operands hold the permutable features on different axes)")
-            G.union(va.group, vb.group, what)
-            return va
-        v, s_other = (va, sb) if va is not None else (vb, sa)
-        if v is None:
-            return None
-        if s_other is not None and len(s_other) >= -v.axis and s_other[v.axis] != 1:
-            G.freeze(v.group)  # combined entry by entry with something that is not permuted with it
-            return None
-        return v
-
-    def reduce(node, v, s_in, s_out, dims, keep):
-        if v is None:
-            return None
-        if dims is None:
-            return None
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        nd = len(s_in)
-        dims = sorted(d % nd for d in dims)
-        a = _pos(v.axis, nd)
-        if a in dims:
-            return None  # a sum or mean over the permuted units is invariant
-        return v if keep else _Val(a - sum(1 for d in dims if d < a) - len(s_out), v.group, v.block, v.outer)
-
-    for node in gm.graph.nodes:
-        what = describe_node(node, mods)
-        s_out = shapes.get(node.name)
-        if node.op == "placeholder":
-            vals[node.name] = None
-            continue
-        if node.op == "output":
-            outs = node.args[0] if isinstance(node.args[0], (tuple, list)) else (node.args[0],)
-            for o in outs:
-                if val(o) is not None:
-                    G.freeze(val(o).group)
-            continue
-        if node.op == "get_attr":
-            p = params.get(node.target)
-            vals[node.name] = (None if p is None or p.ndim == 0 else
-                               _Val(-1, G.new(p.shape[-1], [(node.target, p.ndim - 1)])))
-            continue
-        if s_out is None and node.name not in tuples and not (
-                node.op == "call_module" and callable(getattr(mods[node.target], "permutation_rule", None))):
-            if node.op == "call_function" and node.target is operator.getitem and isinstance(val(node.args[0]), tuple):
-                vals[node.name] = val(node.args[0])[node.args[1]]
-                continue
-            vals[node.name] = None  # sizes, dims, shapes: not tensors
-            continue
-        ins = [val(a) for a in tensor_args(node)]
-        first = node.args[0] if node.args else None
-        v0 = val(first) if isinstance(first, fx.Node) else None
-        s_in = shape(first) if isinstance(first, fx.Node) else None
-        out: _Val | None | tuple = None
-        if node.op == "call_module":
-            m = mods[node.target]
-            pre = f"{node.target}."
-            rule = getattr(m, "permutation_rule", None)
-            if callable(rule):
-                r = rule()
-                reads(v0, [(pre + e[0], *e[1:]) for e in r.get("in", [])], what, -1)
-                outs = r.get("out", [])
-                if outs:
-                    e0 = outs[0]
-                    units = params[pre + e0[0]].shape[e0[1]] // ((e0[2] if len(e0) > 2 else 1) * (e0[3] if len(e0) > 3 else 1))
-                    out = _Val(-1, G.new(units, [(pre + e[0], *e[1:]) for e in outs]))
-                for name, entries in r.get("internal", {}).items():
-                    e0 = _entries(entries)[0]
-                    units = params[pre + e0[0]].shape[e0[1]] // (e0[2] * e0[3])
-                    G.new(units, [(pre + e[0], *e[1:]) for e in entries], name=f"{node.target}.{name}")
-            elif isinstance(m, nn.Linear):
-                reads(v0, [(pre + "weight", 1)], what, -1)
-                out = _Val(-1, G.new(m.out_features, [(pre + "weight", 0)] + ([(pre + "bias", 0)] if m.bias is not None
-                                                                             else [])))
-            elif isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-                ch = -(len(m.kernel_size) + 1)
-                bias = [(pre + "bias", 0)] if m.bias is not None else []
-                if m.groups == 1:
-                    reads(v0, [(pre + "weight", 1)], what, ch)
-                    out = _Val(ch, G.new(m.out_channels, [(pre + "weight", 0)] + bias))
-                elif m.groups == m.in_channels == m.out_channels:  # depthwise: channels stay where they are
-                    out = channelwise(v0, [(pre + "weight", 0)] + bias, what, ch)
-                else:
-                    raise _unsupported(f"{what} (grouped convolution with {m.groups} groups)")
-            elif is_batchnorm(m):
-                entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
-                entries += [(pre + n, 0) for n in ("running_mean", "running_var") if getattr(m, n, None) is not None]
-                out = channelwise(v0, entries, what, 1 - len(s_in))
-            elif isinstance(m, nn.LayerNorm):
-                entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
-                if v0 is not None and len(m.normalized_shape) != 1:
-                    raise _unsupported(f"{what} (normalised over {len(m.normalized_shape)} axes)")
-                out = channelwise(v0, entries, what, -1)
-            elif isinstance(m, nn.GroupNorm):
-                if v0 is not None and m.num_groups not in (1, m.num_channels):
-                    raise _unsupported(f"{what} ({m.num_groups} groups: only permutations within a group are symmetries)")
-                entries = [(pre + n, 0) for n in ("weight", "bias") if getattr(m, n, None) is not None]
-                out = channelwise(v0, entries, what, 1 - len(s_in))
-            elif isinstance(m, nn.Embedding):
-                if v0 is not None:
-                    raise _unsupported(f"{what} (its indices carry permutable features)")
-                out = _Val(-1, G.new(m.embedding_dim, [(pre + "weight", 1)]))
-            elif isinstance(m, _ELEMENTWISE_MODULES) or isinstance(m, (nn.Softmax, nn.LogSoftmax)):
-                out = v0
-            elif isinstance(m, _POOLS):
-                if v0 is not None and _pos(v0.axis, len(s_in)) >= len(s_in) - (len(s_in) - 2 if len(s_in) > 2 else 1):
-                    raise _unsupported(f"{what} (it pools over the permutable axis)")
-                out = v0
-            elif isinstance(m, (nn.Flatten, nn.Unflatten)):
-                out = None if v0 is None else _reshape_axis(v0, s_in, s_out, what)
-            elif all(v is None for v in ins):
-                out = None
-            else:
-                raise _unsupported(what)
-        elif node.op == "call_function":
-            f = node.target
-            if f is operator.getitem:
-                out = None if v0 is None else _getitem_axis(v0, node.args[1], s_in, s_out, what)
-            elif f in _UNARY_FUNCTIONS or f in _SOFTMAX:
-                out = v0
-            elif f in _BINARY_FUNCTIONS:
-                nodes = [a for a in node.args if isinstance(a, fx.Node)]
-                out = v0
-                if len(nodes) >= 2:
-                    out = binary(node, nodes[0], nodes[1], what)
-                    for extra in nodes[2:]:
-                        out = binary(node, nodes[0], extra, what) if out is not None else out
-                elif len(nodes) == 1:
-                    out = binary(node, nodes[0], None, what) if v0 is None and val(nodes[0]) is not None else val(nodes[0])
-            elif f in _SHAPE_FUNCTIONS:
-                out = None if v0 is None else _reshape_axis(v0, s_in, s_out, what)
-            elif f in _REDUCTIONS_FN:
-                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-                keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-                out = reduce(node, v0, s_in, s_out, dims, keep)
-            elif f in (F.adaptive_avg_pool2d, F.avg_pool2d, F.max_pool2d, F.adaptive_max_pool2d):
-                out = v0 if v0 is None or _pos(v0.axis, len(s_in)) < len(s_in) - 2 else None
-                if v0 is not None and out is None:
-                    raise _unsupported(f"{what} (it pools over the permutable axis)")
-            elif f is torch.cat:
-                items = [val(a) for a in node.args[0]]
-                dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-                if all(v is None for v in items):
-                    out = None
-                elif any(v is None for v in items) or _pos(items[0].axis, len(s_out)) == dim % len(s_out):
-                    raise _unsupported(f"{what} (concatenation of permutable features)")
-                else:
-                    for v in items[1:]:
-                        G.union(items[0].group, v.group, what)
-                    out = items[0]
-            elif all(v is None for v in ins):
-                out = None
-            else:
-                raise _unsupported(what)
-        elif node.op == "call_method":
-            name = node.target
-            if name in _UNARY_METHODS or name in ("softmax", "log_softmax"):
-                out = v0
-            elif name in _BINARY_METHODS:
-                other = node.args[1] if len(node.args) > 1 else None
-                out = binary(node, first, other, what) if isinstance(other, fx.Node) else v0
-            elif name in _SHAPE_METHODS:
-                out = None if v0 is None else _reshape_axis(v0, s_in, s_out, what)
-            elif name in ("transpose", "permute"):
-                if v0 is None:
-                    out = None
-                else:
-                    nd = len(s_in)
-                    a = _pos(v0.axis, nd)
-                    if name == "transpose":
-                        d0, d1 = node.args[1] % nd, node.args[2] % nd
-                        order = list(range(nd))
-                        order[d0], order[d1] = order[d1], order[d0]
-                    else:
-                        order = [d % nd for d in (node.args[1] if isinstance(node.args[1], (tuple, list))
-                                                  else node.args[1:])]
-                    out = _Val(order.index(a) - nd, v0.group, v0.block, v0.outer)
-            elif name in _REDUCTION_METHODS:
-                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-                keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
-                out = reduce(node, v0, s_in, s_out, dims, keep)
-            elif all(v is None for v in ins):
-                out = None
-            else:
-                raise _unsupported(what)
-        vals[node.name] = out
-    return G, params
+    interp = _Propagate(gm, shapes, tuples, params)
+    interp.run(example_input)
+    return interp.groups, params
 
 
 def derive_spec(model: nn.Module, example_input: torch.Tensor, *, verify: bool = True, seed: int = 0) -> PermutationSpec:

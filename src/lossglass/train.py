@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt_io
 from . import optim
+from ._determinism import pin_once
 from ._util import check_finite, generators
 from .errors import check, choice
 from .problem import Problem
@@ -244,6 +245,7 @@ def train(problem: Problem, n_replicas: int, *, epochs: int = 5, batch_size: int
     training started again with the same file resumes from it (bit-identical to an uninterrupted run).
     ``evaluate=False`` skips the final train/test evaluation (the table's metrics are then NaN).
     """
+    pin_once()  # the thread count and OpenMP teams that fix the bits (lossglass._determinism)
     _check_arguments(problem, n_replicas, epochs, batch_size, optimizer, method, lr_schedule, momentum, weight_decay,
                      rho, temperature, stop_at_loss, stop_at_accuracy)
     k, dev, dt = n_replicas, problem.device, problem.dtype
