@@ -2,12 +2,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from torch import nn
 
 import lossglass as lg
 from lossglass.protocols.connect import barrier_of, filter_normalize, width_barrier_fit
 
 from .conftest import needs_fmnist
+from .symmetry_catalogue import Custom
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -184,14 +184,6 @@ def test_bad_symmetry_inputs(tiny, deep, teacher_ds):
         lg.align(tiny, deep.init(1, 0)[0], theta)
     with pytest.raises(lg.LossglassError, match="a and b must have the same shape"):
         lg.interpolate(tiny, theta, torch.stack([theta, theta]))
-
-    class Custom(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp, self.out = nn.Linear(8, 4), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.out(torch.relu(self.inp(x)))
 
     class Opaque(Custom):  # a cumulative sum over the hidden units: no permutation of them is a symmetry
         def forward(self, x):
