@@ -116,4 +116,5 @@ class TrainStage(Stage):
         est.add("disk", "replicas, task results and checkpoints", k * p * 4 * 2 + min(k, t.chunk) * p * 4 * 3)
         epochs = max([g.epochs or t.epochs for g in t.groups] or [t.epochs])
         what = "train (at most; a stop criterion ends it earlier)" if t.stop_at_loss or t.stop_at_accuracy else "train"
-        est.add("time", what, 6 * p * sizes.n_train * epochs * k / sizes.rate)
+        est.add("time", what, sizes.cost("train", k * p * sizes.n_train * epochs)
+                + sizes.cost("forward", k * p * (sizes.n_train + sizes.n_test)))
