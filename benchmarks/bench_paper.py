@@ -254,6 +254,38 @@ def check_run(folder: str) -> list[dict]:
     return rows
 
 
+def measure_run(config: str, out: str, overrides: list[str] | None = None) -> list[dict]:
+    """Run ``config`` (a TOML file or a preset name) stage by stage into ``out`` and compare each stage's time with
+    the CLI's estimate, the matmul rate measured just before and just after the stage (their geometric mean scales
+    the table: on a shared machine the rate drifts with the load, and a rate from another moment would compare the
+    estimate with a different machine)."""
+    import json
+    from pathlib import Path
+
+    from lossglass import resources as res
+    from lossglass.config import load_config
+    from lossglass.study import Study
+
+    cfg = (load_config(config, overrides=overrides) if config.endswith(".toml")
+           else load_config(preset=config, overrides=overrides))
+    rows = []
+    for stage in list(res.estimate(cfg).stage_seconds):
+        res._RATE = None
+        before = res.matmul_rate()
+        Study(cfg, out, progress=False).run((stage,))
+        res._RATE = None
+        after = res.matmul_rate()
+        res._RATE = math.sqrt(before * after)
+        est = res.estimate(cfg).stage_seconds[stage]
+        actual = json.loads((Path(out) / "stages" / f"{stage}.json").read_text())["seconds"]
+        rows.append({"stage": stage, "rate_before_gflops": before / 1e9, "rate_after_gflops": after / 1e9,
+                     "estimate_s": est, "actual_s": actual, "actual_over_estimate": actual / est})
+        print(f"{stage:<11} rate {before / 1e9:5.1f} -> {after / 1e9:5.1f} GFLOP/s  estimate {est:8.1f} s  actual "
+              f"{actual:8.1f} s  actual/estimate {actual / est:.2f}", flush=True)
+    res._RATE = None
+    return rows
+
+
 def main(quick: bool = False, write: bool = False) -> dict:
     u = measure(quick)
     out = {"units": u, "stages": estimate(u), "scaling": scaling(u), "compare": compare(u, quick)}
@@ -280,5 +312,8 @@ def main(quick: bool = False, write: bool = False) -> dict:
 if __name__ == "__main__":
     if "--run" in sys.argv:  # python bench_paper.py --run FOLDER: a finished run against the CLI's estimate
         check_run(sys.argv[sys.argv.index("--run") + 1])
+    elif "--measure" in sys.argv:  # python bench_paper.py --measure CONFIG_OR_PRESET OUT [KEY=VALUE ...]
+        i = sys.argv.index("--measure")
+        measure_run(sys.argv[i + 1], sys.argv[i + 2], sys.argv[i + 3:])
     else:
         main("--quick" in sys.argv, "--write" in sys.argv)

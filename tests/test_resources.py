@@ -66,3 +66,30 @@ def test_dry_run_names_the_machine_and_prints_each_stage(tmp_path, capsys):
     for stage in est.stage_seconds:
         assert f"  {stage} " in text
     assert "total" in text and not out.exists()
+
+
+def _doc_rows(path: str, header: str) -> dict[str, str]:
+    """First-column -> second-column cells of the Markdown table that follows the line starting with ``header``."""
+    from pathlib import Path
+
+    lines = (Path(__file__).parents[1] / path).read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header))
+    rows = {}
+    for line in lines[start + 1:]:
+        if rows and not line.startswith("|"):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [c.strip().strip("*").strip() for c in line.strip("|").split("|")]
+            rows[cells[0]] = cells[1]
+    return rows
+
+
+@pytest.mark.parametrize("path, header", [("README.md", "The `paper` preset"),
+                                          ("BENCHMARKS.md", "## The `paper` preset at full size")])
+def test_the_documents_state_the_clis_estimate_of_the_paper_preset(path, header):
+    """README and BENCHMARKS.md print, per stage and in total, what the CLI estimates on the reference machine."""
+    est = _at(res.REFERENCE_RATE, load_config(preset="paper"))
+    rows = _doc_rows(path, header)
+    for stage, s in est.stage_seconds.items():
+        assert rows[stage] == res._duration(s), (path, stage, rows.get(stage))
+    assert rows["total"] == res._duration(est.seconds), (path, rows.get("total"))
