@@ -168,7 +168,13 @@ def normalised(u: dict, quick: bool = False) -> dict[str, float]:
     cv = load_config(preset="paper").curvature
     if quick:
         cv = cv.model_copy(update={"top_k": 1, "trace_probes": 6, "n_samples": 4})
-    return {"train": u["train_step_64"] / (64 * p * b), "forward": u["eval_64x10k"] / (64 * p * n10),
+    # an SGD step costs a + c W, W = replicas x parameters x batch: fitted (least squares) through the 64-replica
+    # step of the paper's network and the 8-replica steps of the width experiment's networks
+    ws = [64 * p * b] + [8 * _n_params(w) * b for w in u["width_step_8"]]
+    ts = [u["train_step_64"]] + list(u["width_step_8"].values())
+    mw, mt = sum(ws) / len(ws), sum(ts) / len(ts)
+    slope = sum((w - mw) * (t - mt) for w, t in zip(ws, ts)) / sum((w - mw) ** 2 for w in ws)
+    return {"train": slope, "train_step": max(mt - slope * mw, 0.0), "forward": u["eval_64x10k"] / (64 * p * n10),
             "metropolis": u["metropolis_step_32"] / (32 * p * n10), "langevin": u["langevin_step_32"] / (32 * p * n10),
             "plane_point": u["plane_point"] / (p * n_all), "path_point": u["path_25"] / (25 * p * n_all),
             "align": u["align"] / p, "bezier_step": u["bezier_step"] / p,
@@ -183,8 +189,10 @@ def compare(u: dict, quick: bool = False) -> dict:
 
     rate = res.matmul_rate()
     meas = normalised(u, quick)
-    units = [{"unit": k, "measured_s": v, "table_s": res.unit_cost(k, rate), "measured_over_table": v / res.unit_cost(k, rate)}
-             for k, v in meas.items()]
+    units = []
+    for k, v in meas.items():
+        t = res.unit_cost(k, rate)
+        units.append({"unit": k, "measured_s": v, "table_s": t, "measured_over_table": v / t if t else float("nan")})
     cfg = load_config(preset="paper")
     table = res.estimate(cfg)
     saved = dict(res.UNIT_COSTS)
@@ -286,8 +294,15 @@ def measure_run(config: str, out: str, overrides: list[str] | None = None) -> li
     return rows
 
 
-def main(quick: bool = False, write: bool = False) -> dict:
-    u = measure(quick)
+def main(quick: bool = False, write: bool = False, units: str | None = None) -> dict:
+    import json
+
+    if units:  # units saved by an earlier run (its first output line)
+        u = json.loads(open(units).read())
+        u["width_step_8"] = {int(k): v for k, v in u["width_step_8"].items()}
+    else:
+        u = measure(quick)
+    print(json.dumps(u), flush=True)
     out = {"units": u, "stages": estimate(u), "scaling": scaling(u), "compare": compare(u, quick)}
     for r in out["stages"]:
         print(r)
@@ -316,4 +331,5 @@ if __name__ == "__main__":
         i = sys.argv.index("--measure")
         measure_run(sys.argv[i + 1], sys.argv[i + 2], sys.argv[i + 3:])
     else:
-        main("--quick" in sys.argv, "--write" in sys.argv)
+        main("--quick" in sys.argv, "--write" in sys.argv,
+             sys.argv[sys.argv.index("--units") + 1] if "--units" in sys.argv else None)

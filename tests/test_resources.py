@@ -22,13 +22,17 @@ def _at(rate: float, cfg) -> res.Estimate:
 
 
 def test_on_the_reference_machine_a_stage_is_its_count_times_the_table():
-    """At the reference rate train's estimate is exactly K P N E x train + K P (N + N_test) x forward."""
+    """At the reference rate train's estimate is exactly S x train_step + K P N E x train + K P (N + N_test) x
+    forward, S the SGD steps of all tasks (ceil(K / chunk) tasks of E ceil(N / batch) steps)."""
     cfg = load_config(preset="quickstart")
     est = _at(res.REFERENCE_RATE, cfg)
     size, _ = res.sizes(cfg)
     k, p, n, n_te, e = size.replicas, size.n_params, size.n_train, size.n_test, cfg.train.epochs
     assert p == 784 * 64 + 64 + 64 * 10 + 10
-    want = (k * p * n * e * res.UNIT_COSTS["train"].seconds + k * p * (n + n_te) * res.UNIT_COSTS["forward"].seconds)
+    steps = -(-k // cfg.train.chunk) * e * -(-n // cfg.train.batch_size)
+    assert steps == 1 * 3 * 71  # 9,000 training samples (10,000 less 1,000 for validation) in batches of 128
+    u = {name: unit.seconds for name, unit in res.UNIT_COSTS.items()}
+    want = steps * u["train_step"] + k * p * n * e * u["train"] + k * p * (n + n_te) * u["forward"]
     assert math.isclose(est.stage_seconds["train"], want, rel_tol=1e-12)
     assert math.isclose(sum(est.stage_seconds.values()), est.seconds, rel_tol=1e-12)
 

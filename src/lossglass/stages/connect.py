@@ -294,6 +294,8 @@ class ConnectStage(Stage):
         for wd in c.widths:
             pw = sizes.features * wd + wd + wd * sizes.classes + sizes.classes
             k = c.width_replicas
-            est.add("time", f"connect width {wd}", sizes.cost("train", k * pw * sizes.n_train * cfg.train.epochs)
+            steps = cfg.train.epochs * -(-sizes.n_train // cfg.train.batch_size)
+            est.add("time", f"connect width {wd}", sizes.cost("train_step", steps)
+                    + sizes.cost("train", k * pw * sizes.n_train * cfg.train.epochs)
                     + sizes.cost("path_point", k // 2 * c.n_points * pw * n_all) + sizes.cost("align", k // 2 * pw))
             est.add("memory", f"width {wd} replicas", c.width_replicas * pw * 4 * 8)
