@@ -112,6 +112,8 @@ REFERENCE_RATE = 6.1e9
 UNIT_COSTS: dict[str, Unit] = {
     "train": Unit(6.23e-10, "replica x parameter x sample of an SGD step (forward, backward, update)",
                   "64 replicas of 784-128-10, batch 128, a fraction of an epoch"),
+    # bench_paper.py fits it (a + c W); the only fit so far (load average 17) gave 0.73 s, every 8-replica step
+    # costing 0.66-1.06 s whatever its width: contention, not a property of the machine, so it is not used (0)
     "train_step": Unit(0.0, "SGD step of one task (train.chunk replicas), whatever its size: the fixed part",
                        "intercept of a + c W through the steps above and those of 8 replicas of 784-w-10"),
     "forward": Unit(7.50e-11, "replica x parameter x sample of an evaluation (forward pass)",
