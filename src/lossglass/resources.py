@@ -152,7 +152,7 @@ def curvature_passes(cv) -> int:
     """Hessian-vector-product equivalent passes of one replica's curvature measures with settings ``cv`` (a
     ``CurvatureConfig``): ~30 Lanczos iterations per top eigenvalue, the trace probes, the sharpness and proxy
     evaluations (~40), and the local entropy's subset simulation (up to ~62 evaluations of every chain, a forward
-    pass each, counted as a quarter of an HVP), plus the two spectral densities when asked."""
+    pass each, counted as a quarter of an HVP); the stage adds the spectral densities (2 x slq_steps HVPs)."""
     hvps = 30 * cv.top_k + cv.trace_probes + 40
     entropy = 62 * cv.entropy_chains / 4
     return int(hvps + entropy)
