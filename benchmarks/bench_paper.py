@@ -3,7 +3,13 @@
 multiplied by the counts the preset asks for. Nothing here runs the preset itself (hours on 2 cores); every number
 is an extrapolation and is labelled as such. Also: how the work divides into Ray tasks at 64, 1,024 and 16,384
 replicas, and where the driver (the stages that run in the driver today: replicas and curvature) becomes the
-bottleneck."""
+bottleneck.
+
+The unit costs the CLI's estimate uses (``lossglass.resources.UNIT_COSTS``, stated for a reference machine and scaled
+by the measured matmul rate) are this script's measurements normalised by the work each stands for; the script prints
+them beside the table's (``units``: measured here / the table scaled to here) and each stage's estimate from the table
+(what ``lossglass run --dry-run`` prints) beside the same formula with the units measured now. ``--write`` prints the
+table's entries from this run's measurement, to paste into ``resources.py``."""
 
 from __future__ import annotations
 
@@ -146,6 +152,63 @@ def estimate(u: dict, cfg: dict | None = None) -> list[dict]:
     return rows
 
 
+def _n_params(hidden: int) -> int:
+    return 785 * hidden + (hidden + 1) * 10
+
+
+def normalised(u: dict, quick: bool = False) -> dict[str, float]:
+    """The measured units ``u`` as ``lossglass.resources.UNIT_COSTS`` states them: seconds per unit of work on this
+    machine (e.g. ``train``: one step of 64 replicas / (64 x parameters x batch)); ``gemm`` and ``sk_sweep`` are not
+    measured here."""
+    from lossglass.config import load_config
+    from lossglass.resources import curvature_passes
+
+    cfg = _preset()
+    p, b, n10, n_all = _n_params(u["hidden"]), cfg["train"]["batch_size"], 10000, u["n_train"] + u["n_val"] + u["n_test"]
+    cv = load_config(preset="paper").curvature
+    if quick:
+        cv = cv.model_copy(update={"top_k": 1, "trace_probes": 6, "n_samples": 4})
+    # an SGD step costs a + c W, W = replicas x parameters x batch: fitted (least squares) through the 64-replica
+    # step of the paper's network and the 8-replica steps of the width experiment's networks
+    ws = [64 * p * b] + [8 * _n_params(w) * b for w in u["width_step_8"]]
+    ts = [u["train_step_64"]] + list(u["width_step_8"].values())
+    mw, mt = sum(ws) / len(ws), sum(ts) / len(ts)
+    slope = sum((w - mw) * (t - mt) for w, t in zip(ws, ts)) / sum((w - mw) ** 2 for w in ws)
+    return {"train": slope, "train_step": max(mt - slope * mw, 0.0), "forward": u["eval_64x10k"] / (64 * p * n10),
+            "metropolis": u["metropolis_step_32"] / (32 * p * n10), "langevin": u["langevin_step_32"] / (32 * p * n10),
+            "plane_point": u["plane_point"] / (p * n_all), "path_point": u["path_25"] / (25 * p * n_all),
+            "align": u["align"] / p, "bezier_step": u["bezier_step"] / p,
+            "curvature": u["flatness_1"] / (curvature_passes(cv) * p * n10)}
+
+
+def compare(u: dict, quick: bool = False) -> dict:
+    """Measured units against the table (both on this machine), and the paper preset's stage estimates from the
+    table (the CLI's) and from the units measured now (the same formulas)."""
+    from lossglass import resources as res
+    from lossglass.config import load_config
+
+    rate = res.matmul_rate()
+    meas = normalised(u, quick)
+    units = []
+    for k, v in meas.items():
+        t = res.unit_cost(k, rate)
+        units.append({"unit": k, "measured_s": v, "table_s": t, "measured_over_table": v / t if t else float("nan")})
+    cfg = load_config(preset="paper")
+    table = res.estimate(cfg)
+    saved = dict(res.UNIT_COSTS)
+    try:  # the same formulas with this run's units (stated at the reference rate)
+        for k, v in meas.items():
+            res.UNIT_COSTS[k] = res.Unit(v * rate / res.REFERENCE_RATE, saved[k].per, saved[k].measured)
+        now = res.estimate(cfg)
+    finally:
+        res.UNIT_COSTS.clear()
+        res.UNIT_COSTS.update(saved)
+    stages = [{"stage": s, "cli_estimate_s": t, "from_units_now_s": now.stage_seconds.get(s, 0.0)}
+              for s, t in table.stage_seconds.items()]
+    return {"rate_gflops": rate / 1e9, "machine": res.machine_line(rate), "units": units, "stages": stages,
+            "cli_total_s": table.seconds, "now_total_s": now.seconds, "normalised": meas}
+
+
 def _overlap_s(u: dict, k: int) -> float:
     """The K x K overlap matrices (aligned and raw weights: two Gram matrices of K vectors of P numbers, the
     matmul floor at the measured rate), or the measured 64 x 64 cost scaled by K^2 if that is larger."""
@@ -173,15 +236,100 @@ def scaling(u: dict) -> list[dict]:
     return rows
 
 
-def main(quick: bool = False) -> dict:
-    u = measure(quick)
-    out = {"units": u, "stages": estimate(u), "scaling": scaling(u)}
+def check_run(folder: str) -> list[dict]:
+    """A finished run's stage times (``stages/NAME.json``) against the CLI's estimate of its config on this machine
+    (the matmul rate measured now): one row per stage, actual / estimated."""
+    import json
+    from pathlib import Path
+
+    from lossglass import resources as res
+    from lossglass.config import decode_config, validate
+
+    path = Path(folder)
+    cfg = validate(decode_config((path / "config.toml").read_bytes(), str(path)), str(path))
+    est = res.estimate(cfg)
+    rows = []
+    for stage, s in est.stage_seconds.items():
+        rec = path / "stages" / f"{stage}.json"
+        actual = json.loads(rec.read_text()).get("seconds") if rec.is_file() else None
+        rows.append({"stage": stage, "estimate_s": s, "actual_s": actual,
+                     "actual_over_estimate": actual / s if actual and s else None})
+    print(res.machine_line(est.rate))
+    for r in rows:
+        a = f"{r['actual_s']:.1f}" if r["actual_s"] is not None else "not run"
+        q = f"{r['actual_over_estimate']:.2f}" if r["actual_over_estimate"] else "-"
+        print(f"{r['stage']:<11} estimate {r['estimate_s']:8.1f} s  actual {a:>8} s  actual/estimate {q}")
+    return rows
+
+
+def measure_run(config: str, out: str, overrides: list[str] | None = None) -> list[dict]:
+    """Run ``config`` (a TOML file or a preset name) stage by stage into ``out`` and compare each stage's time with
+    the CLI's estimate, the matmul rate measured just before and just after the stage (their geometric mean scales
+    the table: on a shared machine the rate drifts with the load, and a rate from another moment would compare the
+    estimate with a different machine)."""
+    import json
+    from pathlib import Path
+
+    from lossglass import resources as res
+    from lossglass.config import load_config
+    from lossglass.study import Study
+
+    cfg = (load_config(config, overrides=overrides) if config.endswith(".toml")
+           else load_config(preset=config, overrides=overrides))
+    rows = []
+    for stage in list(res.estimate(cfg).stage_seconds):
+        res._RATE = None
+        before = res.matmul_rate()
+        Study(cfg, out, progress=False).run((stage,))
+        res._RATE = None
+        after = res.matmul_rate()
+        res._RATE = math.sqrt(before * after)
+        est = res.estimate(cfg).stage_seconds[stage]
+        actual = json.loads((Path(out) / "stages" / f"{stage}.json").read_text())["seconds"]
+        rows.append({"stage": stage, "rate_before_gflops": before / 1e9, "rate_after_gflops": after / 1e9,
+                     "estimate_s": est, "actual_s": actual, "actual_over_estimate": actual / est})
+        print(f"{stage:<11} rate {before / 1e9:5.1f} -> {after / 1e9:5.1f} GFLOP/s  estimate {est:8.1f} s  actual "
+              f"{actual:8.1f} s  actual/estimate {actual / est:.2f}", flush=True)
+    res._RATE = None
+    return rows
+
+
+def main(quick: bool = False, write: bool = False, units: str | None = None) -> dict:
+    import json
+
+    if units:  # units saved by an earlier run (its first output line)
+        u = json.loads(open(units).read())
+        u["width_step_8"] = {int(k): v for k, v in u["width_step_8"].items()}
+    else:
+        u = measure(quick)
+    print(json.dumps(u), flush=True)
+    out = {"units": u, "stages": estimate(u), "scaling": scaling(u), "compare": compare(u, quick)}
     for r in out["stages"]:
         print(r)
     for r in out["scaling"]:
         print(r)
+    c = out["compare"]
+    print(c["machine"])
+    for r in c["units"]:
+        print(f"unit {r['unit']:<12} measured {r['measured_s']:.3e} s, table {r['table_s']:.3e} s, "
+              f"ratio {r['measured_over_table']:.2f}")
+    for r in c["stages"]:
+        print(f"stage {r['stage']:<11} CLI estimate {r['cli_estimate_s']:8.0f} s, from units measured now "
+              f"{r['from_units_now_s']:8.0f} s")
+    print(f"total: CLI estimate {c['cli_total_s']:.0f} s, from units measured now {c['now_total_s']:.0f} s")
+    if write:
+        print(f"REFERENCE_RATE = {c['rate_gflops']:.1f}e9")
+        for k, v in c["normalised"].items():
+            print(f"{k}: {v:.2e}")
     return out
 
 
 if __name__ == "__main__":
-    main("--quick" in sys.argv)
+    if "--run" in sys.argv:  # python bench_paper.py --run FOLDER: a finished run against the CLI's estimate
+        check_run(sys.argv[sys.argv.index("--run") + 1])
+    elif "--measure" in sys.argv:  # python bench_paper.py --measure CONFIG_OR_PRESET OUT [KEY=VALUE ...]
+        i = sys.argv.index("--measure")
+        measure_run(sys.argv[i + 1], sys.argv[i + 2], sys.argv[i + 3:])
+    else:
+        main("--quick" in sys.argv, "--write" in sys.argv,
+             sys.argv[sys.argv.index("--units") + 1] if "--units" in sys.argv else None)

@@ -213,3 +213,29 @@ def test_import_with_a_named_data_set_states_its_preprocessing(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "note: digits inputs are scaled x -> (x/255 - " in err and "--data package.module:factory" in err
     assert "checked 2 checkpoints as they are (batchnorm='recompute')" in err  # no BatchNorm: the mode is moot
+
+
+def test_connect_shows_a_bar_over_its_pieces_on_a_terminal(tmp_path):
+    """connect's pieces (planes, pairs, widths) run under one bar on a terminal, naming the piece; the width pieces'
+    training bars nest below it."""
+    cfg = _cfg(tmp_path, epochs=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("TQDM_DISABLE", None)
+    cmd = [sys.executable, "-m", "lossglass.cli", "run", str(cfg), "--stages", "train,connect", "--out",
+           str(tmp_path / "r")]
+    rc, text = _on_a_pty(cmd, env, sized=True)
+    assert rc == 0, text
+    assert "connect:" in text and "piece" in text and "%|" in text, text[-2000:]
+    for piece in ("plane_random-0", "plane_through-0", "width-8"):
+        assert piece in text, (piece, text[-2000:])
+
+
+def test_without_a_terminal_connect_prints_a_line_per_piece(tmp_path):
+    """Not a terminal: no bar over connect's pieces, a status line as each finishes."""
+    cfg = _cfg(tmp_path, epochs=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lossglass.cli", "run", str(cfg), "--stages", "train,connect", "--out",
+           str(tmp_path / "r")]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "connect: task 1/" in done.stderr and "piece" not in done.stderr and "%|" not in done.stderr

@@ -93,6 +93,11 @@ def cmd_run(a) -> int:
            else load_config(preset=a.preset, overrides=a.set))
     out = Path(a.out) if a.out else Path("runs") / cfg.name
     stages = _stages_arg(a.stages)
+    if a.dry_run:  # the estimate only: nothing is loaded or written
+        from .resources import describe, estimate
+
+        print(f"{cfg.name}: estimated on this machine, nothing run\n{describe(estimate(cfg))}")
+        return 0
     executor = make_executor(a.executor, a.address, ray_dashboard=a.ray_dashboard, gpus_per_task=a.gpus_per_task)
     store = Study(cfg, out, progress=not a.quiet, executor=executor).run(stages, force=a.force)
     print(f"run folder: {store.path}")
@@ -495,6 +500,8 @@ def parser() -> argparse.ArgumentParser:
                    help="ray: GPUs each task asks for when the device is not cpu and the cluster has GPUs (1: one "
                         "task per GPU; 0.5: two per GPU)")
     r.add_argument("--device", help="cpu, cuda or auto (overrides the config's device)")
+    r.add_argument("--dry-run", action="store_true",
+                   help="print the estimated time of each stage on this machine, peak memory and disk; run nothing")
     r.add_argument("--trust-config", action="store_true", help=TRUST_HELP)
     common(r)
     r.set_defaults(fn=cmd_run)

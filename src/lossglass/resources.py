@@ -2,7 +2,12 @@
 
 A study that cannot fit in this machine's memory or on its disk is refused with the items that make it large;
 one that fits but would run for long is announced (with the estimate) so nobody waits hours without a word.
-The estimates are deliberately rough (factor of ~2): they count the big arrays and the matrix-multiply work.
+The estimates are deliberately rough (factor of ~2): they count the big arrays, and each stage's time is a count of
+work units (a training step of one replica on one sample and one parameter, a walk step, a plane point, ...) times
+that unit's cost. The unit costs (:data:`UNIT_COSTS`) were measured by ``benchmarks/bench_paper.py`` on the reference
+machine (:data:`REFERENCE_MACHINE`) and are scaled to this machine by the ratio of matrix-multiply rates
+(:func:`matmul_rate`): t = count x cost_ref x rate_ref / rate_here. The same table gives the README's and
+BENCHMARKS.md's figures, so the CLI (``lossglass run --dry-run``) and the documents state one number.
 """
 
 from __future__ import annotations
@@ -32,9 +37,15 @@ class Estimate:
     disk: float = 0.0
     seconds: float = 0.0
     items: list[tuple[str, str, float]] = field(default_factory=list)  # (kind, what, amount)
+    #: seconds per stage (the stage whose estimate added them)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage: str = ""  # the stage adding items now
+    rate: float = 0.0  # this machine's effective matmul rate (FLOP/s)
 
     def add(self, kind: str, what: str, amount: float) -> None:
         self.items.append((kind, what, float(amount)))
+        if kind == "time" and self.stage:
+            self.stage_seconds[self.stage] = self.stage_seconds.get(self.stage, 0.0) + float(amount)
         if kind == "memory":
             self.memory = max(self.memory, amount)
         elif kind == "disk":
@@ -81,6 +92,72 @@ def matmul_rate() -> float:
     return _RATE
 
 
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work and its measured cost on the reference machine: ``seconds`` per ``per``."""
+
+    seconds: float
+    per: str
+    measured: str  # how bench_paper.py measures it
+
+
+#: the machine the unit costs were measured on, and its effective matmul rate there (:func:`matmul_rate`, FLOP/s)
+REFERENCE_MACHINE = "the 2-core x86-64 build machine under load"
+REFERENCE_RATE = 6.1e9
+
+#: seconds per unit of work on the reference machine (``benchmarks/bench_paper.py`` measures and prints them; its
+#: ``--write`` option prints this table from a fresh measurement). Each is normalised by the work it stands for, so
+#: that a config of another size scales it: e.g. ``train`` is the time of one SGD step divided by replicas x
+#: parameters x batch samples.
+UNIT_COSTS: dict[str, Unit] = {
+    "train": Unit(6.23e-10, "replica x parameter x sample of an SGD step (forward, backward, update)",
+                  "64 replicas of 784-128-10, batch 128, a fraction of an epoch"),
+    # bench_paper.py fits it (a + c W); the only fit so far (load average 17) gave 0.73 s, every 8-replica step
+    # costing 0.66-1.06 s whatever its width: contention, not a property of the machine, so it is not used (0)
+    "train_step": Unit(0.0, "SGD step of one task (train.chunk replicas), whatever its size: the fixed part",
+                       "intercept of a + c W through the steps above and those of 8 replicas of 784-w-10"),
+    "forward": Unit(7.50e-11, "replica x parameter x sample of an evaluation (forward pass)",
+                    "64 replicas on 10,000 images"),
+    "metropolis": Unit(8.42e-11, "walker x parameter x sample of a Metropolis step (energy on walk.n_data)",
+                       "32 walkers, energy on 10,000 images"),
+    "langevin": Unit(3.01e-10, "walker x parameter x sample of a Langevin step (gradient on walk.n_data)",
+                     "32 walkers, gradient on 10,000 images"),
+    "plane_point": Unit(5.47e-12, "parameter x sample (train + test) of one plane point",
+                        "41^2 - 11^2 points of a plane on all of Fashion-MNIST"),
+    "path_point": Unit(1.19e-11, "parameter x sample (train + test) of one point of a straight path",
+                       "25 points between two replicas on all of Fashion-MNIST"),
+    "align": Unit(7.07e-07, "parameter of one weight-matching alignment of two replicas",
+                  "two 784-128-10 replicas"),
+    "bezier_step": Unit(4.79e-06, "parameter of one Bezier-curve SGD step (4 t values on one batch of 256)",
+                        "784-128-10, 20 steps"),
+    "curvature": Unit(5.52e-11, "replica x parameter x sample of one Hessian-vector-product equivalent pass",
+                      "one replica's flatness measures at the paper preset's settings on 10,000 images"),
+    "gemm": Unit(1 / REFERENCE_RATE, "FLOP of a large matrix product (overlaps, p-spin descent)",
+                 "resources.matmul_rate"),
+    # not measured by bench_paper.py: 80 ns measured at N = 64 on the quiet machine (44 GFLOP/s), restated here
+    "sk_sweep": Unit(8.0e-8 * 44.0e9 / REFERENCE_RATE, "chain x site x sweep of SK parallel tempering",
+                     "N = 64 spins, an earlier measurement on the quiet machine, scaled by 44 / 6.1"),
+}
+
+
+def unit_cost(name: str, rate: float | None = None) -> float:
+    """Seconds per unit ``name`` on this machine: UNIT_COSTS[name].seconds x REFERENCE_RATE / rate (``rate``
+    defaults to :func:`matmul_rate`)."""
+    if name not in UNIT_COSTS:
+        raise LossglassError(f"unknown work unit {name!r}; known: {', '.join(UNIT_COSTS)}")
+    return UNIT_COSTS[name].seconds * REFERENCE_RATE / (rate or matmul_rate())
+
+
+def curvature_passes(cv) -> int:
+    """Hessian-vector-product equivalent passes of one replica's curvature measures with settings ``cv`` (a
+    ``CurvatureConfig``): ~30 Lanczos iterations per top eigenvalue, the trace probes, the sharpness and proxy
+    evaluations (~40), and the local entropy's subset simulation (up to ~62 evaluations of every chain, a forward
+    pass each, counted as a quarter of an HVP); the stage adds the spectral densities (2 x slq_steps HVPs)."""
+    hvps = 30 * cv.top_k + cv.trace_probes + 40
+    entropy = 62 * cv.entropy_chains / 4
+    return int(hvps + entropy)
+
+
 def _n_params(cfg: StudyConfig, features: int) -> tuple[int, int]:
     """(P, parameters of the first layer) of the configured network (0, 0 for a user's own model)."""
     m = cfg.model
@@ -114,6 +191,10 @@ class Sizes:
     rate: float
     classes: int = _CLASSES
 
+    def cost(self, unit: str, count: float) -> float:
+        """Seconds of ``count`` units of work ``unit`` on this machine (:func:`unit_cost`)."""
+        return count * unit_cost(unit, self.rate)
+
 
 def sizes(cfg: StudyConfig) -> tuple[Sizes, Estimate]:
     """The sizes of ``cfg``'s study and an estimate holding its data's memory."""
@@ -128,6 +209,7 @@ def sizes(cfg: StudyConfig) -> tuple[Sizes, Estimate]:
     else:
         n_tr, n_te = min(d.n_train or full_tr, full_tr), min(d.n_test or full_te, full_te)
         est.add("memory", f"{d.name} data", (full_tr + full_te) * feat * 5 + (n_tr + n_te) * feat * 4)
+    n_tr = max(n_tr - (d.n_val or 0), 0)  # the validation samples are carved out of the training set
     p, first = _n_params(cfg, feat)
     t = cfg.train
     k = sum((g.replicas or t.replicas) for g in t.groups) if t.groups else t.replicas
@@ -140,10 +222,31 @@ def estimate(cfg: StudyConfig) -> Estimate:
     from .stages import REGISTRY
 
     size, est = sizes(cfg)
+    est.rate = size.rate
     for stage in REGISTRY:
         if stage.wanted(cfg):
+            est.stage = stage.name
             stage.estimate(cfg, size, est)
+    est.stage = ""
     return est
+
+
+def machine_line(rate: float | None = None) -> str:
+    """One line naming this machine's measured rate and the reference machine the unit costs come from."""
+    rate = rate or matmul_rate()
+    return (f"this machine: {rate / 1e9:.0f} GFLOP/s effective float32 matmul ({os.cpu_count()} CPUs); unit costs "
+            f"measured on {REFERENCE_MACHINE} at {REFERENCE_RATE / 1e9:.1f} GFLOP/s, scaled by "
+            f"{REFERENCE_RATE / rate:.2f}")
+
+
+def describe(est: Estimate) -> str:
+    """The estimate as lines: the machine, each stage's time, the total, peak memory and disk."""
+    lines = [machine_line(est.rate or None)]
+    for name, s in est.stage_seconds.items():
+        lines.append(f"  {name:<11} {_duration(s):>8}")
+    lines.append(f"  {'total':<11} {_duration(est.seconds):>8}")
+    lines.append(f"peak memory about {_gb(est.memory)}, disk about {_gb(est.disk)}")
+    return "\n".join(lines)
 
 
 def check_fits(cfg: StudyConfig, out: str | os.PathLike, *, warn=None) -> Estimate:

@@ -176,6 +176,44 @@ def width_fit_table(widths: pd.DataFrame) -> pd.DataFrame | None:
                          "width_min": [int(g.index.min())], "width_max": [int(g.index.max())]})
 
 
+class _PieceBar:
+    """The local executor with a progress bar over the connect pieces (planes, pairs, paths, widths): the bar names
+    the piece running and advances as each finishes; the pieces' own bars (Bezier, width training) nest below it."""
+
+    def __init__(self, executor, bar):
+        self.executor, self.bar, self.name = executor, bar, executor.name
+
+    def run(self, env, tasks, *, before, after, **kw) -> None:
+        self.bar.reset(total=len(tasks))
+
+        def before_(task) -> None:
+            self.bar.set_postfix_str(task.key(), refresh=True)
+            before(task)
+
+        def after_(task, out) -> None:
+            after(task, out)
+            self.bar.update(1)
+
+        self.executor.run(env, tasks, before=before_, after=after_, **kw)
+
+
+def _run_pieces(stage: Stage, ctx, tasks: list[Task]) -> list[str]:
+    """``ctx.run_tasks`` with a bar over the pieces on a terminal when they run here (the local executor); without
+    a terminal the stage context's status lines (``connect: task i/n done``) say the same."""
+    if not (ctx.bars and ctx.executor.name == "local"):
+        return ctx.run_tasks(stage, tasks)
+    from tqdm.auto import tqdm
+
+    executor = ctx.executor
+    bar = tqdm(total=len(tasks), desc="connect", unit="piece", leave=False)
+    ctx.executor = _PieceBar(executor, bar)
+    try:
+        return ctx.run_tasks(stage, tasks)
+    finally:
+        ctx.executor = executor
+        bar.close()
+
+
 #: the table each kind of piece feeds
 TABLES = {"perm": "perm_barriers", "pair": "pair_barriers", "plane_random": "plane_random",
           "plane_through": "plane_through", "width": "width_barriers"}
@@ -215,7 +253,7 @@ class ConnectStage(Stage):
         if why:
             return {"skipped": why}
         tasks = self.tasks(ctx)
-        names = ctx.run_tasks(self, tasks)
+        names = _run_pieces(self, ctx, tasks)
         store = ctx.store
         got: dict[str, list[pd.DataFrame]] = {}
         for task, name in zip(tasks, names):
@@ -244,15 +282,20 @@ class ConnectStage(Stage):
         return {"tasks": len(tasks), "executor": ctx.executor.name}
 
     def estimate(self, cfg, sizes, est) -> None:
-        c, p, first = cfg.connect, sizes.n_params, sizes.first_layer
+        c, p = cfg.connect, sizes.n_params
         if not p:
             return
-        later = max(p - first, 1)
-        points = 2 * c.plane_steps**2 + len(c.swaps) * c.n_points + 2 * c.pairs * c.n_points
-        est.add("time", f"connect ({points:,} path and plane points)",
-                points * 2 * later * (sizes.n_train + sizes.n_test) / sizes.rate
-                + c.bezier_steps * 3 * 2 * p * 256 * 4 / sizes.rate)
+        n_all = sizes.n_train + sizes.n_test
+        planes = 2 * c.plane_steps**2 if c.plane_steps >= 2 else 0
+        paths = (len(c.swaps) + 2 * c.pairs + (1 if c.bezier_steps else 0)) * c.n_points
+        est.add("time", f"connect ({planes:,} plane points, {paths:,} path points, {c.pairs} alignments)",
+                sizes.cost("plane_point", planes * p * n_all) + sizes.cost("path_point", paths * p * n_all)
+                + sizes.cost("align", (c.pairs + 1) * p) + sizes.cost("bezier_step", c.bezier_steps * p))
         for wd in c.widths:
             pw = sizes.features * wd + wd + wd * sizes.classes + sizes.classes
-            est.add("time", f"connect width {wd}", 6 * pw * sizes.n_train * cfg.train.epochs * c.width_replicas / sizes.rate)
+            k = c.width_replicas
+            steps = cfg.train.epochs * -(-sizes.n_train // cfg.train.batch_size)
+            est.add("time", f"connect width {wd}", sizes.cost("train_step", steps)
+                    + sizes.cost("train", k * pw * sizes.n_train * cfg.train.epochs)
+                    + sizes.cost("path_point", k // 2 * c.n_points * pw * n_all) + sizes.cost("align", k // 2 * pw))
             est.add("memory", f"width {wd} replicas", c.width_replicas * pw * 4 * 8)

@@ -110,6 +110,7 @@ class CurvatureStage(Stage):
         if not p:
             return
         n_h = min(cv.n_hvp_data or sizes.n_train, sizes.n_train)
-        hvps = 30 * cv.top_k + cv.trace_probes + cv.slq_steps * 2 + 40
-        entropy = 62 * cv.entropy_chains  # subset simulation: up to ~62 batched evaluations of the chains
-        est.add("time", "curvature", sizes.replicas * (hvps * 8 + entropy * 2) * p * n_h / sizes.rate)
+        from ..resources import curvature_passes
+
+        passes = sizes.replicas * curvature_passes(cv) + (2 * cv.slq_steps if cv.density else 0)
+        est.add("time", "curvature", sizes.cost("curvature", passes * p * n_h))

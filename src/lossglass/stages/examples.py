@@ -229,12 +229,13 @@ class ExamplesStage(Stage):
             return
         passes = 16  # clean + 5 shifts x 3 severities
         est.add("time", "examples (forward passes over the test split)",
-                (sizes.replicas + 1) * passes * 2 * p * sizes.n_test / sizes.rate)
+                sizes.cost("forward", (sizes.replicas + 1) * passes * p * sizes.n_test))
         c = cfg.examples
         if c.barrier_pairs:
             n_b = min(c.barrier_n_data or sizes.n_train, sizes.n_train)
             est.add("time", f"examples ({c.barrier_pairs} pair barriers)",
-                    c.barrier_pairs * 2 * cfg.connect.n_points * 2 * p * (n_b + sizes.n_test) / sizes.rate)
+                    sizes.cost("path_point", c.barrier_pairs * 2 * cfg.connect.n_points * p * (n_b + sizes.n_test))
+                    + sizes.cost("align", c.barrier_pairs * p))
 
 
 def source_index(cfg, ds) -> np.ndarray:

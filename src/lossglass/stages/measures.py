@@ -255,5 +255,6 @@ class MeasuresStage(Stage):
         n = len(grid_cells(cfg)) * len(c.lrs) * c.seeds if c.grid else 0
         n_m = min(c.n_data or sizes.n_train, sizes.n_train)
         est.add("time", "measures grid (at most; the stop criterion ends it earlier)",
-                (6 * p * sizes.n_train * c.epochs * n + n * (2 * 16 * c.n_draws + 200) * 2 * p * n_m) / sizes.rate)
+                sizes.cost("train", p * sizes.n_train * c.epochs * n)
+                + sizes.cost("forward", n * (2 * 16 * c.n_draws + 200) * p * n_m))
         est.add("disk", "measures grid networks", n * p * 4)

@@ -145,7 +145,9 @@ class ReferenceStage(Stage):
         r = cfg.reference
         n = r.n_spins
         est.add("memory", f"p-spin couplings (N = {n}, p = {r.p})", 40 * n**3 if r.p == 3 else 24 * n**2)
-        est.add("time", "reference p-spin descent", r.steps * r.replicas * 4 * (n**3 if r.p == 3 else n**2) / sizes.rate)
-        if r.sk_spins:  # ~80 ns per chain, site and sweep (vectorised single-spin flips), measured at N = 64
+        est.add("time", "reference p-spin descent",
+                sizes.cost("gemm", r.steps * r.replicas * 4 * (n**3 if r.p == 3 else n**2)))
+        if r.sk_spins:  # vectorised single-spin flips
             est.add("time", "reference SK parallel tempering",
-                    r.sk_samples * r.sk_sweeps * len(r.sk_temperatures) * r.sk_replicas * r.sk_spins * 8e-8)
+                    sizes.cost("sk_sweep", r.sk_samples * r.sk_sweeps * len(r.sk_temperatures) * r.sk_replicas
+                               * r.sk_spins))

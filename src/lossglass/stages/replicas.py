@@ -140,7 +140,9 @@ class ReplicasStage(Stage):
         return {"note": why, **out} if why else out
 
     def estimate(self, cfg, sizes, est) -> None:
-        rc, p = cfg.replicas, sizes.n_params
+        rc, p, k = cfg.replicas, sizes.n_params, sizes.replicas
+        if p:  # alignment of every replica to the mean, the aligned and raw K x K Gram matrices
+            est.add("time", "replica overlaps", sizes.cost("align", k * p) + sizes.cost("gemm", 2 * 2 * k * k * p))
         if p and rc.basin_temperature > 0:
             n_b = min(rc.basin_n_data or sizes.n_train, sizes.n_train)
-            est.add("time", "within-basin sampling", rc.basin_samples * rc.basin_sweeps * 2 * p * n_b / sizes.rate)
+            est.add("time", "within-basin sampling", sizes.cost("metropolis", rc.basin_samples * rc.basin_sweeps * p * n_b))

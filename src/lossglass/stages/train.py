@@ -116,4 +116,6 @@ class TrainStage(Stage):
         est.add("disk", "replicas, task results and checkpoints", k * p * 4 * 2 + min(k, t.chunk) * p * 4 * 3)
         epochs = max([g.epochs or t.epochs for g in t.groups] or [t.epochs])
         what = "train (at most; a stop criterion ends it earlier)" if t.stop_at_loss or t.stop_at_accuracy else "train"
-        est.add("time", what, 6 * p * sizes.n_train * epochs * k / sizes.rate)
+        steps = -(-k // t.chunk) * epochs * -(-sizes.n_train // t.batch_size)  # SGD steps of all tasks
+        est.add("time", what, sizes.cost("train_step", steps) + sizes.cost("train", k * p * sizes.n_train * epochs)
+                + sizes.cost("forward", k * p * (sizes.n_train + sizes.n_test)))

@@ -113,5 +113,7 @@ class WalkStage(Stage):
         n_w = min(w.n_data or sizes.n_train, sizes.n_train)
         est.add("memory", "walk snapshots", 24 * walkers * p * 4 * 2)
         est.add("disk", "walk snapshots", runs * 24 * walkers * p * 4)
-        est.add("time", "walk", runs * max(w.steps, w.langevin_steps) * walkers * 2 * p * (n_w + sizes.n_test / 5)
-                / sizes.rate)
+        steps = len(w.temperatures) * w.steps + w.langevin_steps
+        est.add("time", "walk", sizes.cost("metropolis", len(w.temperatures) * w.steps * walkers * p * n_w)
+                + sizes.cost("langevin", w.langevin_steps * walkers * p * n_w)
+                + sizes.cost("forward", steps / max(w.record_every, 1) * walkers * p * (n_w + sizes.n_test)))
