@@ -6,7 +6,8 @@ The estimates are deliberately rough (factor of ~2): they count the big arrays, 
 work units (a training step of one replica on one sample and one parameter, a walk step, a plane point, ...) times
 that unit's cost. The unit costs (:data:`UNIT_COSTS`) were measured by ``benchmarks/bench_paper.py`` on the reference
 machine (:data:`REFERENCE_MACHINE`) and are scaled to this machine by the ratio of matrix-multiply rates
-(:func:`matmul_rate`): t = count x cost_ref x rate_ref / rate_here. The same table gives the README's and
+(:func:`matmul_rate`) and by the measured overhead of a whole stage over its units (:data:`STAGE_OVERHEAD`):
+t = count x cost_ref x rate_ref / rate_here x overhead. The same table gives the README's and
 BENCHMARKS.md's figures, so the CLI (``lossglass run --dry-run``) and the documents state one number.
 """
 
@@ -102,42 +103,51 @@ class Unit:
 
 
 #: the machine the unit costs were measured on, and its effective matmul rate there (:func:`matmul_rate`, FLOP/s)
-REFERENCE_MACHINE = "the 2-core x86-64 build machine under load"
-REFERENCE_RATE = 6.1e9
+REFERENCE_MACHINE = "the 2-core x86-64 build machine, quiet"
+REFERENCE_RATE = 44.0e9
 
 #: seconds per unit of work on the reference machine (``benchmarks/bench_paper.py`` measures and prints them; its
-#: ``--write`` option prints this table from a fresh measurement). Each is normalised by the work it stands for, so
-#: that a config of another size scales it: e.g. ``train`` is the time of one SGD step divided by replicas x
-#: parameters x batch samples.
+#: ``--write`` option prints this table from a fresh measurement). The entries were measured on that machine under
+#: load (load average 8-10, matmul rate 6.1 GFLOP/s) and are restated at its quiet rate (x 6.1 / 44). Each is
+#: normalised by the work it stands for, so that a config of another size scales it: e.g. ``train`` is the time of
+#: one SGD step divided by replicas x parameters x batch samples.
 UNIT_COSTS: dict[str, Unit] = {
-    "train": Unit(6.23e-10, "replica x parameter x sample of an SGD step (forward, backward, update)",
+    "train": Unit(8.64e-11, "replica x parameter x sample of an SGD step (forward, backward, update)",
                   "64 replicas of 784-128-10, batch 128, a fraction of an epoch"),
     # bench_paper.py fits it (a + c W); the only fit so far (load average 17) gave 0.73 s, every 8-replica step
     # costing 0.66-1.06 s whatever its width: contention, not a property of the machine, so it is not used (0)
     "train_step": Unit(0.0, "SGD step of one task (train.chunk replicas), whatever its size: the fixed part",
                        "intercept of a + c W through the steps above and those of 8 replicas of 784-w-10"),
-    "forward": Unit(7.50e-11, "replica x parameter x sample of an evaluation (forward pass)",
+    "forward": Unit(1.04e-11, "replica x parameter x sample of an evaluation (forward pass)",
                     "64 replicas on 10,000 images"),
-    "metropolis": Unit(8.42e-11, "walker x parameter x sample of a Metropolis step (energy on walk.n_data)",
+    "metropolis": Unit(1.17e-11, "walker x parameter x sample of a Metropolis step (energy on walk.n_data)",
                        "32 walkers, energy on 10,000 images"),
-    "langevin": Unit(3.01e-10, "walker x parameter x sample of a Langevin step (gradient on walk.n_data)",
+    "langevin": Unit(4.17e-11, "walker x parameter x sample of a Langevin step (gradient on walk.n_data)",
                      "32 walkers, gradient on 10,000 images"),
-    "plane_point": Unit(5.47e-12, "parameter x sample (train + test) of one plane point",
+    "plane_point": Unit(7.58e-13, "parameter x sample (train + test) of one plane point",
                         "41^2 - 11^2 points of a plane on all of Fashion-MNIST"),
-    "path_point": Unit(1.19e-11, "parameter x sample (train + test) of one point of a straight path",
+    "path_point": Unit(1.65e-12, "parameter x sample (train + test) of one point of a straight path",
                        "25 points between two replicas on all of Fashion-MNIST"),
-    "align": Unit(7.07e-07, "parameter of one weight-matching alignment of two replicas",
+    "align": Unit(9.8e-08, "parameter of one weight-matching alignment of two replicas",
                   "two 784-128-10 replicas"),
-    "bezier_step": Unit(4.79e-06, "parameter of one Bezier-curve SGD step (4 t values on one batch of 256)",
+    "bezier_step": Unit(6.64e-07, "parameter of one Bezier-curve SGD step (4 t values on one batch of 256)",
                         "784-128-10, 20 steps"),
-    "curvature": Unit(5.52e-11, "replica x parameter x sample of one Hessian-vector-product equivalent pass",
+    "curvature": Unit(7.65e-12, "replica x parameter x sample of one Hessian-vector-product equivalent pass",
                       "one replica's flatness measures at the paper preset's settings on 10,000 images"),
     "gemm": Unit(1 / REFERENCE_RATE, "FLOP of a large matrix product (overlaps, p-spin descent)",
                  "resources.matmul_rate"),
-    # not measured by bench_paper.py: 80 ns measured at N = 64 on the quiet machine (44 GFLOP/s), restated here
-    "sk_sweep": Unit(8.0e-8 * 44.0e9 / REFERENCE_RATE, "chain x site x sweep of SK parallel tempering",
-                     "N = 64 spins, an earlier measurement on the quiet machine, scaled by 44 / 6.1"),
+    # not measured by bench_paper.py: 80 ns measured at N = 64 on the quiet machine (44 GFLOP/s)
+    "sk_sweep": Unit(8.0e-8, "chain x site x sweep of SK parallel tempering",
+                     "N = 64 spins, an earlier measurement on the quiet machine"),
 }
+
+
+#: a whole stage took this many times the sum of its units' costs, the same factor on every stage and config
+#: measured (``bench_paper.py --measure``, one run each: 3.36 on the quickstart preset and 3.19 on a mid-size config
+#: at load 13-17, 3.12 on the quickstart at load 5; this is their geometric mean). The units time the inner passes
+#: alone; a stage also moves data, evaluates tables, checkpoints and runs its Python between passes. Per stage the
+#: measured ratio over this factor was 0.6-1.75 (curvature lowest, training highest): the estimate's stated factor of 2.
+STAGE_OVERHEAD = 3.22
 
 
 def unit_cost(name: str, rate: float | None = None) -> float:
@@ -192,8 +202,9 @@ class Sizes:
     classes: int = _CLASSES
 
     def cost(self, unit: str, count: float) -> float:
-        """Seconds of ``count`` units of work ``unit`` on this machine (:func:`unit_cost`)."""
-        return count * unit_cost(unit, self.rate)
+        """Seconds of ``count`` units of work ``unit`` in a stage on this machine: count x :func:`unit_cost` x
+        :data:`STAGE_OVERHEAD`."""
+        return count * unit_cost(unit, self.rate) * STAGE_OVERHEAD
 
 
 def sizes(cfg: StudyConfig) -> tuple[Sizes, Estimate]:
@@ -236,7 +247,7 @@ def machine_line(rate: float | None = None) -> str:
     rate = rate or matmul_rate()
     return (f"this machine: {rate / 1e9:.0f} GFLOP/s effective float32 matmul ({os.cpu_count()} CPUs); unit costs "
             f"measured on {REFERENCE_MACHINE} at {REFERENCE_RATE / 1e9:.1f} GFLOP/s, scaled by "
-            f"{REFERENCE_RATE / rate:.2f}")
+            f"{REFERENCE_RATE / rate:.2f} and by {STAGE_OVERHEAD} for a whole stage over its units")
 
 
 def describe(est: Estimate) -> str:
