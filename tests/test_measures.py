@@ -395,3 +395,31 @@ def test_select_reruns_when_the_measures_stage_it_reads_reruns(tmp_path):
     assert main(["measures", str(store.path), "--quiet", "--no-report", "--redo"]) == 0
     third = records()
     assert third["select"]["fingerprint"] == second["select"]["fingerprint"] and third["select"] != second["select"]
+
+
+def test_local_entropy_on_the_grid_is_the_curvature_protocols_with_the_stages_settings(trained):
+    """measures.local_entropy on: every grid network gets the curvature protocol's local entropy (a log volume
+    fraction: <= 0) on the first measures.n_data samples with the curvature section's radius, epsilon and chains, and
+    its complexity form neg_local_entropy; off: neither column."""
+    from types import SimpleNamespace
+
+    from lossglass.protocols import curvature as K
+    from lossglass.stages.measures import _measure
+
+    prob, theta = trained
+    base = {"data": {"name": "digits", "n_train": 300, "n_test": 200}, "model": {"hidden": 24},
+            "curvature": {"entropy_chains": 20, "trace_probes": 3, "n_samples": 2, "entropy_radius": 0.02,
+                          "entropy_epsilon": 0.5},
+            "measures": {"n_data": 100, "n_draws": 2, "local_entropy": True}}
+    cfg = validate(base)
+    df, _ = _measure(SimpleNamespace(cfg=cfg), prob, theta, with_curvature=True)
+    ref = K.local_entropy(prob.subset(100), theta, radius=0.02, epsilon=0.5, n_chains=20, seed=cfg.seed)
+    np.testing.assert_array_equal(df["local_entropy"].to_numpy(), ref["local_entropy"].cpu().numpy())
+    le = df["local_entropy"].to_numpy()
+    assert np.isfinite(le).all() and (le <= 0).all()
+    out = M.with_complexity(df)
+    np.testing.assert_array_equal(out["neg_local_entropy"].to_numpy(), -le)
+    cfg_off = validate({**base, "measures": {**base["measures"], "local_entropy": False}})
+    off, _ = _measure(SimpleNamespace(cfg=cfg_off), prob, theta, with_curvature=True)
+    assert "local_entropy" not in off and "neg_local_entropy" not in M.with_complexity(off)
+    np.testing.assert_array_equal(off["lambda_max"].to_numpy(), df["lambda_max"].to_numpy())
