@@ -464,10 +464,12 @@ def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, tar
     - ``psi_<axis>``: the granulated tau of that axis on the cells' seed means (:func:`granulated_tau`), and ``psi``
       their mean (Jiang's Psi; NaN when an axis has no defined tau, e.g. a measure undefined at one width);
     - for each, a 95% percentile bootstrap interval (``_lo``, ``_hi``): for the cell statistics (``tau_cells``,
-      ``psi_*``, ``psi``) over seeds, ``n_boot`` resamples of the networks with replacement within each cell (the grid
-      design held fixed); for ``tau`` over networks, resamples of all usable networks with replacement (with 2 seeds
-      per cell the within-cell resampling made tau's interval too narrow: 18% [12, 25] false positives under a null,
-      benchmarks/calibrate_measures.py), all at once;
+      ``psi_*``, ``psi``, ``cmi``) over seeds, ``n_boot`` resamples of the networks with replacement within each cell
+      (the grid design held fixed), each drawn value moved from its cell's mean by sqrt(n_c / (n_c - 1)) so that the
+      resampled cell means vary as much as the sampling variance s^2 / n_c (the plain bootstrap gives half of it with
+      2 seeds: 11% false positives for tau_cells); for ``tau`` over networks, resamples of all usable networks with
+      replacement (with 2 seeds per cell the within-cell resampling made tau's interval too narrow: 18% [12, 25]
+      false positives under a null, benchmarks/calibrate_measures.py), all at once;
     - ``cmi`` = min over pairs of axes S of the normalised I(V_mu; V_g | U_S) (Jiang's |S| = 2 column; |S| = 1
       with one axis, 0 with none), on the cells' seed means, with the same within-cell bootstrap interval as
       ``tau_cells`` and ``psi`` (the min taken in every draw), and ``cmi_0`` (S empty: plain mutual information).
@@ -494,8 +496,24 @@ def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, tar
     rows_ok = np.flatnonzero(ok)
     ball = rows_ok[rng.integers(0, len(rows_ok), size=(n_boot, len(rows_ok)))]  # networks resampled, design ignored
 
-    def stats(v: np.ndarray, ix: np.ndarray) -> tuple[np.ndarray, ...]:
-        xs, ys = np.where(ix >= 0, v[np.clip(ix, 0, None)], np.nan), np.where(ix >= 0, y[np.clip(ix, 0, None)], np.nan)
+    inflate = np.sqrt(cnt / np.maximum(cnt - 1, 1))[:, None]  # sqrt(n_c / (n_c - 1)); 1 for a single network
+
+    def gather(w: np.ndarray, ix: np.ndarray, boot: bool) -> np.ndarray:
+        """The values of ``w`` at the networks ``ix`` (..., n_cells, S), NaN where none. With ``boot``, each drawn
+        value is moved away from its cell's mean by sqrt(n_c / (n_c - 1)) (a rescaled bootstrap): the plain within-cell
+        bootstrap's cell means vary by (n_c - 1) / n_c of the sampling variance s^2 / n_c, half of it with 2 seeds,
+        which made the tau_cells interval too narrow (11% [7, 18] false positives under a null with 2 seeds,
+        benchmarks/calibrate_measures.py). Non-finite values (an infinite complexity) are left as drawn."""
+        xs = np.where(ix >= 0, w[np.clip(ix, 0, None)], np.nan)
+        if boot:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m = np.nanmean(np.where(idx >= 0, w[np.clip(idx, 0, None)], np.nan), -1)[:, None]
+                xs = np.where(np.isfinite(xs) & np.isfinite(m), m + inflate * (xs - m), xs)
+        return xs
+
+    def stats(v: np.ndarray, ix: np.ndarray, boot: bool = False) -> tuple[np.ndarray, ...]:
+        xs, ys = gather(v, ix, boot), gather(y, ix, boot)
         flat_x, flat_y = xs.reshape(*xs.shape[:-2], -1), ys.reshape(*ys.shape[:-2], -1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
@@ -518,7 +536,7 @@ def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, tar
             continue
         v = df[m].to_numpy(float)
         tau, tau_c, psi_ax, cx, cy = stats(v, idx)
-        _, b_tauc, b_psi, bcx, bcy = stats(v, bidx)
+        _, b_tauc, b_psi, bcx, bcy = stats(v, bidx, boot=True)
         b_tau = kendall_tau_b(v[ball], y[ball])
         row = {"measure": m, "target": target, "n_networks": int(cnt.sum()), "n_cells": int((cnt > 0).sum())}
 
