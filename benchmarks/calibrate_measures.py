@@ -1,7 +1,11 @@
 """Calibration of the measures stage's statistics (lossglass.protocols.measures.rank_measures) on synthetic grids of
-the preset's design (5 axes x 2 levels, ``seeds`` networks per cell): how often the 95% bootstrap interval of Psi
-(and of the overall tau) excludes 0 when the measure has nothing to do with the gap (false positives), and how often
-it is above 0 when the measure follows the gap (power), with Clopper-Pearson 95% intervals.
+the preset's design (5 axes x 2 levels, ``seeds`` networks per cell): how often the 95% bootstrap interval of Psi, of
+the per-cell tau (``tau_cells``, over the cells' seed means), of each axis' granulated tau and of the overall tau
+excludes 0 when the measure has nothing to do with the gap (false positives), and how often it is above 0 when the
+measure follows the gap (power), with Clopper-Pearson 95% intervals. The conditional mutual information is >= 0 by
+construction (no interval can exclude 0 from below): for it the table gives the mean value and interval ends per kind
+of measure, and the rate at which its interval's low end is above the 95th percentile of the CMI of the pure-noise
+measures (a null threshold, ``cmi_lo > null q95``).
 
 The gap of a network is a sum of axis effects plus seed noise (sd 1, the size of the effects). Null measures: (i) pure
 noise; (ii) driven by axes the gap does not depend on (a measure of a hyperparameter that does not matter, plus
@@ -40,20 +44,29 @@ def one(seeds: int, trials: int, rng: np.random.Generator) -> list[dict]:
              "gap + noise sd 0.5": lambda: df["gap"].to_numpy() + rng.normal(scale=0.5, size=len(df)),
              "gap + noise sd 1": lambda: df["gap"].to_numpy() + rng.normal(scale=1.0, size=len(df)),
              "gap + noise sd 2": lambda: df["gap"].to_numpy() + rng.normal(scale=2.0, size=len(df))}
-    out = []
+    out, null_q95 = [], None
     for kind, draw in kinds.items():  # one call ranks every trial's measure (a column each)
         cols = {f"m{i}": draw() for i in range(trials)}
         r = rank_measures(pd.concat([df, pd.DataFrame(cols)], axis=1), list(cols), AXES, target="gap", n_boot=500,
                           seed=int(rng.integers(1 << 30)), usable=None)
-        for stat in ("psi", "tau"):
+        # psi_width, psi_lr: axes the gap depends on; psi_weight_decay: one it does not (under the nulls)
+        null = kind.startswith("null")
+        for stat in ("psi", "tau_cells", "tau", "psi_width", "psi_lr") + (("psi_weight_decay",) if null else ()):
             excl = int(((r[f"{stat}_lo"] > 0) | (r[f"{stat}_hi"] < 0)).sum())
             pos = int((r[f"{stat}_lo"] > 0).sum())
-            k = excl if kind.startswith("null") else pos
+            k = excl if null else pos
             lo, hi = clopper_pearson(k, trials)
             out.append({"seeds": seeds, "measure": kind, "statistic": stat,
                         "rate": k / trials, "ci_low": lo, "ci_high": hi,
-                        "what": "false positives (interval excludes 0)" if kind.startswith("null")
-                        else "power (interval above 0)", "mean": float(r[stat].mean())})
+                        "what": "false positives (interval excludes 0)" if null else "power (interval above 0)",
+                        "mean": float(r[stat].mean())})
+        if null_q95 is None:  # the first kind is pure noise: its CMI distribution is the null
+            null_q95 = float(np.nanpercentile(r["cmi"], 95))
+        k = int((r["cmi_lo"] > null_q95).sum())
+        lo, hi = clopper_pearson(k, trials)
+        out.append({"seeds": seeds, "measure": kind, "statistic": "cmi", "rate": k / trials, "ci_low": lo,
+                    "ci_high": hi, "what": f"cmi_lo > null q95 ({null_q95:.3f}); mean interval "
+                    f"[{r['cmi_lo'].mean():.3f}, {r['cmi_hi'].mean():.3f}]", "mean": float(r["cmi"].mean())})
     return out
 
 

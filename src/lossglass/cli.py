@@ -141,7 +141,7 @@ def _stage(a, run: Path, cfg) -> int:
     from .stages import STAGE_ORDER, dependents
 
     # the stages that depend on this one are redone too (their results were made from the old ones)
-    later = tuple(s for s in STAGE_ORDER if s in dependents(a.command) and s not in (a.command, "report"))
+    later = tuple(s for s in STAGE_ORDER if s in dependents(a.command, cfg) and s not in (a.command, "report"))
     stages = (a.command, *later) + (() if a.no_report else ("report",))
     if not a.no_report and not a.quiet:
         print("(report.html is rebuilt afterwards, a few seconds; --no-report skips it)", file=sys.stderr)

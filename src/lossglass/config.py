@@ -264,9 +264,9 @@ class SelectConfig(_Section):
                       "lower = flatter; local_entropy, margin, the PAC-Bayes sigmas, basin_radius_relative: higher = "
                       "flatter). Average sharpness is the closest of the curvature stage's to the best generalisation "
                       "predictors of Jiang et al. 2020; on the measures preset (Fashion-MNIST, issue 26) its overall "
-                      "Kendall tau with the gap was +0.39 [+0.20, +0.56], behind only the magnitude-aware PAC-Bayes "
-                      "flatness, and only worst-case sharpness and that PAC-Bayes flatness had a granulated Psi above "
-                      "0 beyond its interval (see tables/measures_rank).")
+                      "Kendall tau with the gap was +0.35 [+0.19, +0.49], behind the basin radius (+0.42) and the "
+                      "magnitude-aware PAC-Bayes flatness (+0.39), and no measure had a granulated Psi above 0 beyond "
+                      "its interval (see tables/measures_rank).")
     n_resamples: PositiveInt = _f(2000, "Sub-pools drawn to estimate each strategy's expected test accuracy.")
     pool: PositiveInt | None = _f(None, "Size of each random sub-pool a strategy picks its model from (default: half "
                                         "the replicas, at least 3); the pick's test accuracy is averaged over sub-pools.")

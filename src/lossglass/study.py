@@ -214,7 +214,7 @@ class Study:
         """BLAKE2 of everything stage ``name``'s results depend on: its config sections, the fingerprints of the stages
         it depends on, and for training the data, the user's code and imported checkpoints."""
         st = stage(name)
-        parts = {"sections": _section_values(self.cfg, st.sections), "deps": {d: self.fingerprint(d) for d in st.depends}}
+        parts = {"sections": _section_values(self.cfg, st.sections), "deps": {d: self.fingerprint(d) for d in st.needs(self.cfg)}}
         if name == "train":
             parts["inputs"] = self.inputs()
         text = json.dumps(parts, sort_keys=True, default=str)
@@ -259,7 +259,7 @@ class Study:
             sections = {k.split(".")[0] for k in changed}
             # a change is refused when it alters the inputs of a finished stage (other than the sections a
             # per-protocol command was asked to redo): the folder would no longer describe what produced it
-            used = {sec for st in finished for dep in dependencies(st) for sec in stage(dep).sections}
+            used = {sec for st in finished for dep in dependencies(st, self.cfg) for sec in stage(dep).sections}
             if finished and (old_cfg is None or (sections & used) - set(allow)):
                 raise LossglassError(
                     f"{folder} holds a run with a different config (differs in: {', '.join(changed[:6])}"
@@ -285,7 +285,7 @@ class Study:
 
     def invalidate(self, stage: str) -> None:
         """Remove the results of ``stage`` and of every stage that depends on it (files and completion records)."""
-        gone = dependents(stage)
+        gone = dependents(stage, self.cfg)
         self.store.remove_owned(stages=gone)
         for s in gone:
             self.discard_partial(s)

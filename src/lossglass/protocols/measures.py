@@ -53,6 +53,13 @@ COMPLEXITY: dict[str, tuple[str, str]] = {
 }
 
 
+#: the raw measures :func:`measure_table` writes for every replica (the measures stage's table of the study's replicas)
+RAW: tuple[str, ...] = ("weight_norm", "log_spec_product", "log_frob_product", "log_path_norm", "margin",
+                        "pacbayes_sigma", "pacbayes_mag_sigma", "ww_alpha", "ww_alpha_hat", "ww_stable_rank")
+#: every column of that table a measure can be read from: the raw measures and their complexity forms
+REPLICA_MEASURES: tuple[str, ...] = RAW + tuple(k for k, (src, _) in COMPLEXITY.items() if src in RAW and k not in RAW)
+
+
 def complexity(df: pd.DataFrame) -> pd.DataFrame:
     """The complexity columns of :data:`COMPLEXITY` from a table of raw measures (those whose source is present).
     Inverse-square of a value <= 0 is +inf (no margin / no flat direction: maximal complexity)."""
@@ -397,32 +404,55 @@ def granulated_tau(cell_x: np.ndarray, cell_y: np.ndarray, shape: tuple[int, ...
     return np.stack(out, -1)
 
 
-def conditional_mi(cell_x: np.ndarray, cell_y: np.ndarray, values: np.ndarray, subset: tuple[int, ...]) -> float:
+def conditional_mi(cell_x: np.ndarray, cell_y: np.ndarray, values: np.ndarray, subset: tuple[int, ...]) -> np.ndarray:
     """Jiang et al.'s (2020, sec. 5) normalised conditional mutual information I(V_mu; V_g | U_S) / H(V_g | U_S) over
-    every pair of cells (a, b): V_mu = sgn(mu_a - mu_b), V_g = sgn(g_a - g_b) (pairs tied in either left out), U_S the
-    hyperparameter values of the axes in ``subset`` of both cells. ``values``: (n_cells, n_axes) level codes."""
-    n = len(cell_x)
+    every pair of cells (a, b): V_mu = sgn(mu_a - mu_b), V_g = sgn(g_a - g_b) (pairs tied in either, or with a NaN,
+    left out), U_S the hyperparameter values of the axes in ``subset`` of both cells:
+    I = sum_u p(u) sum_{v_mu, v_g} p(v_mu, v_g | u) log[p(v_mu, v_g | u) / (p(v_mu | u) p(v_g | u))],
+    H = -sum_u p(u) sum_{v_g} p(v_g | u) log p(v_g | u).
+    ``cell_x``, ``cell_y``: (..., n_cells), batched over the leading axes (e.g. bootstrap draws: the pairs' conditions
+    U_S depend on the design only, so every draw is counted in one pass); ``values``: (n_cells, n_axes) level codes.
+    Returns (...); a float for 1-D input. NaN with fewer than 2 kept pairs or H = 0."""
+    out = conditional_mi_many(cell_x, cell_y, values, [tuple(subset)])[..., 0]
+    return float(out) if out.ndim == 0 else out
+
+
+def conditional_mi_many(cell_x: np.ndarray, cell_y: np.ndarray, values: np.ndarray,
+                        subsets: list[tuple[int, ...]]) -> np.ndarray:
+    """:func:`conditional_mi` for every subset of axes in ``subsets`` at once (the pairs' signs are computed once,
+    one matrix product counts every condition of every subset): (..., len(subsets))."""
+    cell_x, cell_y = np.asarray(cell_x, float), np.asarray(cell_y, float)
+    n = cell_x.shape[-1]
     a, b = np.triu_indices(n, 1)
-    vm, vg = np.sign(cell_x[a] - cell_x[b]), np.sign(cell_y[a] - cell_y[b])
-    keep = (vm != 0) & (vg != 0) & np.isfinite(vm) & np.isfinite(vg)
-    if keep.sum() < 2:
-        return float("nan")
-    cols = [values[a][:, list(subset)], values[b][:, list(subset)]]
-    u = np.unique(np.concatenate(cols, 1)[keep], axis=0, return_inverse=True)[1].reshape(-1) if subset else \
-        np.zeros(int(keep.sum()), dtype=np.int64)
-    cm = ((vm[keep] > 0).astype(int) * 2 + (vg[keep] > 0).astype(int))  # joint state 0..3
-    counts = np.zeros((u.max() + 1, 4))
-    np.add.at(counts, (u, cm), 1)
-    pu = counts.sum(1) / counts.sum()
-    with np.errstate(divide="ignore", invalid="ignore"):
-        pj = counts / counts.sum(1, keepdims=True)
-        pm = pj.reshape(-1, 2, 2).sum(2)  # p(v_mu | u)
-        pg = pj.reshape(-1, 2, 2).sum(1)  # p(v_g | u)
-        ratio = pj.reshape(-1, 2, 2) / (pm[:, :, None] * pg[:, None, :])
-        mi = np.nansum(np.where(pj.reshape(-1, 2, 2) > 0, pj.reshape(-1, 2, 2) * np.log(ratio), 0), (1, 2))
-        hg = -np.nansum(np.where(pg > 0, pg * np.log(pg), 0), 1)
-    h = float((pu * hg).sum())
-    return float((pu * mi).sum() / h) if h > 0 else float("nan")
+    with np.errstate(invalid="ignore"):
+        vm, vg = np.sign(cell_x[..., a] - cell_x[..., b]), np.sign(cell_y[..., a] - cell_y[..., b])
+    keep = (vm != 0) & (vg != 0) & np.isfinite(vm) & np.isfinite(vg)  # (..., pairs)
+    state = (vm > 0).astype(np.int64) * 2 + (vg > 0).astype(np.int64)  # joint state 0..3
+    onehot = ((state[..., None] == np.arange(4)) & keep[..., None]).astype(float)  # (..., pairs, 4)
+    blocks = []  # per subset: (pairs, n_u) indicator of each pair's condition u = (values of both cells on S)
+    for sub in subsets:  # a handful of subsets (10 pairs of 5 axes)
+        if sub:
+            u = np.unique(np.concatenate([values[a][:, list(sub)], values[b][:, list(sub)]], 1), axis=0,
+                          return_inverse=True)[1].reshape(-1)
+        else:
+            u = np.zeros(len(a), dtype=np.int64)
+        blocks.append(np.eye(u.max() + 1)[u])
+    counts_all = np.concatenate(blocks, 1).T @ onehot  # (..., sum n_u, 4)
+    outs, lo = [], 0
+    for blk in blocks:
+        counts = counts_all[..., lo: lo + blk.shape[1], :]
+        lo += blk.shape[1]
+        total = counts.sum((-1, -2))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            pu = np.nan_to_num(counts.sum(-1) / total[..., None])  # a condition with no kept pair has weight 0
+            pj = (counts / counts.sum(-1, keepdims=True)).reshape(*counts.shape[:-1], 2, 2)
+            pm, pg = pj.sum(-1), pj.sum(-2)  # p(v_mu | u), p(v_g | u)
+            ratio = pj / (pm[..., :, None] * pg[..., None, :])
+            mi = np.where(pj > 0, pj * np.log(np.where(pj > 0, ratio, 1.0)), 0.0).sum((-1, -2))
+            hg = -np.where(pg > 0, pg * np.log(np.where(pg > 0, pg, 1.0)), 0.0).sum(-1)
+            h = (pu * hg).sum(-1)
+            outs.append(np.where((total >= 2) & (h > 0), (pu * mi).sum(-1) / np.where(h > 0, h, 1.0), np.nan))
+    return np.stack(outs, -1)
 
 
 def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, target: str = "gap_error",
@@ -434,12 +464,15 @@ def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, tar
     - ``psi_<axis>``: the granulated tau of that axis on the cells' seed means (:func:`granulated_tau`), and ``psi``
       their mean (Jiang's Psi; NaN when an axis has no defined tau, e.g. a measure undefined at one width);
     - for each, a 95% percentile bootstrap interval (``_lo``, ``_hi``): for the cell statistics (``tau_cells``,
-      ``psi_*``, ``psi``) over seeds, ``n_boot`` resamples of the networks with replacement within each cell (the grid
-      design held fixed); for ``tau`` over networks, resamples of all usable networks with replacement (with 2 seeds
-      per cell the within-cell resampling made tau's interval too narrow: 18% [12, 25] false positives under a null,
-      benchmarks/calibrate_measures.py), all at once;
+      ``psi_*``, ``psi``, ``cmi``) over seeds, ``n_boot`` resamples of the networks with replacement within each cell
+      (the grid design held fixed), each drawn value moved from its cell's mean by sqrt(n_c / (n_c - 1)) so that the
+      resampled cell means vary as much as the sampling variance s^2 / n_c (the plain bootstrap gives half of it with
+      2 seeds: 11% false positives for tau_cells); for ``tau`` over networks, resamples of all usable networks with
+      replacement (with 2 seeds per cell the within-cell resampling made tau's interval too narrow: 18% [12, 25]
+      false positives under a null, benchmarks/calibrate_measures.py), all at once;
     - ``cmi`` = min over pairs of axes S of the normalised I(V_mu; V_g | U_S) (Jiang's |S| = 2 column; |S| = 1
-      with one axis, 0 with none) and ``cmi_0`` (S empty: plain mutual information), on the cells' seed means.
+      with one axis, 0 with none), on the cells' seed means, with the same within-cell bootstrap interval as
+      ``tau_cells`` and ``psi`` (the min taken in every draw), and ``cmi_0`` (S empty: plain mutual information).
 
     ``usable``: a boolean column naming the networks kept (Jiang keep only models that reached the stop criterion);
     rows with a NaN target are dropped. A cell without a usable network is NaN: the pairs and slices that need it are
@@ -463,21 +496,47 @@ def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, tar
     rows_ok = np.flatnonzero(ok)
     ball = rows_ok[rng.integers(0, len(rows_ok), size=(n_boot, len(rows_ok)))]  # networks resampled, design ignored
 
-    def stats(v: np.ndarray, ix: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        xs, ys = np.where(ix >= 0, v[np.clip(ix, 0, None)], np.nan), np.where(ix >= 0, y[np.clip(ix, 0, None)], np.nan)
+    inflate = np.sqrt(cnt / np.maximum(cnt - 1, 1))[:, None]  # sqrt(n_c / (n_c - 1)); 1 for a single network
+
+    def gather(w: np.ndarray, ix: np.ndarray, boot: bool) -> np.ndarray:
+        """The values of ``w`` at the networks ``ix`` (..., n_cells, S), NaN where none. With ``boot``, each drawn
+        value is moved away from its cell's mean by sqrt(n_c / (n_c - 1)) (a rescaled bootstrap): the plain within-cell
+        bootstrap's cell means vary by (n_c - 1) / n_c of the sampling variance s^2 / n_c, half of it with 2 seeds,
+        which made the tau_cells interval too narrow (11% [7, 18] false positives under a null with 2 seeds,
+        benchmarks/calibrate_measures.py). Non-finite values (an infinite complexity) are left as drawn."""
+        xs = np.where(ix >= 0, w[np.clip(ix, 0, None)], np.nan)
+        if boot:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                m = np.nanmean(np.where(idx >= 0, w[np.clip(idx, 0, None)], np.nan), -1)[:, None]
+                xs = np.where(np.isfinite(xs) & np.isfinite(m), m + inflate * (xs - m), xs)
+        return xs
+
+    def stats(v: np.ndarray, ix: np.ndarray, boot: bool = False) -> tuple[np.ndarray, ...]:
+        xs, ys = gather(v, ix, boot), gather(y, ix, boot)
         flat_x, flat_y = xs.reshape(*xs.shape[:-2], -1), ys.reshape(*ys.shape[:-2], -1)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             cx, cy = np.nanmean(xs, -1), np.nanmean(ys, -1)
-        return kendall_tau_b(flat_x, flat_y), kendall_tau_b(cx, cy), granulated_tau(cx, cy, grid.shape)
+        return kendall_tau_b(flat_x, flat_y), kendall_tau_b(cx, cy), granulated_tau(cx, cy, grid.shape), cx, cy
+
+    size = min(2, len(axes))
+    subsets = list(itertools.combinations(range(len(axes)), size))
+
+    def cmi(cx: np.ndarray, cy: np.ndarray) -> np.ndarray:
+        """min over the subsets S of |S| = ``size`` axes of the normalised CMI (NaN where none is defined)."""
+        c = conditional_mi_many(cx, cy, codes, subsets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmin(c, -1)
 
     rows = []
     for m in measures:  # a few dozen measures; every bootstrap draw at once
         if m not in df:
             continue
         v = df[m].to_numpy(float)
-        tau, tau_c, psi_ax = stats(v, idx)
-        _, b_tauc, b_psi = stats(v, bidx)
+        tau, tau_c, psi_ax, cx, cy = stats(v, idx)
+        _, b_tauc, b_psi, bcx, bcy = stats(v, bidx, boot=True)
         b_tau = kendall_tau_b(v[ball], y[ball])
         row = {"measure": m, "target": target, "n_networks": int(cnt.sum()), "n_cells": int((cnt > 0).sum())}
 
@@ -492,13 +551,7 @@ def rank_measures(df: pd.DataFrame, measures: list[str], axes: list[str], *, tar
         for i, a in enumerate(axes):
             put(f"psi_{a}", psi_ax[i], b_psi[:, i])
         put("psi", np.mean(psi_ax), np.mean(b_psi, -1))  # NaN when an axis has no defined tau
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            cx = np.nanmean(np.where(idx >= 0, v[np.clip(idx, 0, None)], np.nan), -1)
-            cy = np.nanmean(np.where(idx >= 0, y[np.clip(idx, 0, None)], np.nan), -1)
-        size = min(2, len(axes))
-        cmis = [conditional_mi(cx, cy, codes, s) for s in itertools.combinations(range(len(axes)), size)]
-        row["cmi"] = float(np.nanmin(cmis)) if np.isfinite(cmis).any() else float("nan")
+        put("cmi", cmi(cx, cy), cmi(bcx, bcy))  # the cells' seed means resampled as for tau_cells and psi
         row["cmi_0"] = conditional_mi(cx, cy, codes, ())
         rows.append(row)
     out = pd.DataFrame(rows)

@@ -27,8 +27,10 @@ def rank_data(view: RunView) -> tuple[pd.DataFrame, list[str]] | None:
     return r, axes
 
 
-def _with_interval(r: pd.DataFrame, col: str) -> list[str]:
-    return [f"{v:+.2f} [{lo:+.2f}, {hi:+.2f}]" if np.isfinite(v) else "nan"
+def _with_interval(r: pd.DataFrame, col: str, fmt: str = "+.2f") -> list[str]:
+    if f"{col}_lo" not in r:  # a table written before the column had an interval
+        return [format(v, fmt) if np.isfinite(v) else "nan" for v in r[col]]
+    return [f"{v:{fmt}} [{lo:{fmt}}, {hi:{fmt}}]" if np.isfinite(v) else "nan"
             for v, lo, hi in zip(r[col], r[f"{col}_lo"], r[f"{col}_hi"])]
 
 
@@ -38,7 +40,7 @@ def ranked_table(r: pd.DataFrame, axes: list[str]) -> pd.DataFrame:
                         "tau (all networks)": _with_interval(r, "tau")})
     for a in axes:
         out[f"psi {a}"] = _with_interval(r, f"psi_{a}")
-    out["CMI (|S|=2)"] = r["cmi"].round(4)
+    out["CMI (|S|=2)"] = _with_interval(r, "cmi", ".3f")
     out["MI"] = r["cmi_0"].round(4)
     return out
 

@@ -54,26 +54,26 @@ def stage(name: str) -> Stage:
     return _BY_NAME[name]
 
 
-def dependents(name: str) -> set[str]:
-    """``name`` and every stage whose results depend on it."""
+def dependents(name: str, cfg=None) -> set[str]:
+    """``name`` and every stage whose results depend on it (under ``cfg``; None: the declared ``depends``)."""
     out, changed = {name}, True
     while changed:
         changed = False
         for s in REGISTRY:
-            if s.name not in out and out & set(s.depends):
+            if s.name not in out and out & set(s.needs(cfg)):
                 out.add(s.name)
                 changed = True
     return out
 
 
-def dependencies(name: str) -> set[str]:
-    """``name`` and every stage it depends on."""
+def dependencies(name: str, cfg=None) -> set[str]:
+    """``name`` and every stage it depends on (under ``cfg``; None: the declared ``depends``)."""
     out, todo = set(), [name]
     while todo:
         s = todo.pop()
         if s not in out:
             out.add(s)
-            todo += list(stage(s).depends)
+            todo += list(stage(s).needs(cfg))
     return out
 
 

@@ -235,6 +235,12 @@ class Stage:
         default = StudyConfig.model_fields[self.section].default
         return bool(getattr(default, "enabled", True))
 
+    def needs(self, cfg: StudyConfig | None = None) -> tuple[str, ...]:
+        """The earlier stages this stage's results depend on under ``cfg`` (the fingerprint, what a rerun redoes):
+        ``depends``, plus what a stage adds for some configs (select on measures when select.measure is one only the
+        measures stage computes). None: the declared ``depends``."""
+        return self.depends
+
     def tasks(self, ctx: StageContext) -> list[Task]:
         return []
 

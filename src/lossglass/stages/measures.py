@@ -200,7 +200,8 @@ class MeasuresStage(Stage):
             "psi": "Psi: mean of the granulated taus over the axes" + _STAT,
             "tau_lo": "low end", "tau_hi": "high end", "tau_cells_lo": "low end", "tau_cells_hi": "high end",
             "psi_lo": "low end", "psi_hi": "high end",
-            "cmi": "min over pairs of axes S of I(V_mu; V_g | U_S) / H(V_g | U_S) over pairs of cells (Jiang et al.)",
+            "cmi": "min over pairs of axes S of I(V_mu; V_g | U_S) / H(V_g | U_S) over pairs of cells (Jiang et al.)"
+                   + _STAT, "cmi_lo": "low end", "cmi_hi": "high end",
             "cmi_0": "I(V_mu; V_g) / H(V_g) over pairs of cells (no conditioning)"},
     }
 
