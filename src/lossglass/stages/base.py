@@ -303,9 +303,11 @@ class StageContext:
         rep, self.frozen = alive_replicas(load_replicas(self.store), self.problem_fn())
         return rep
 
-    def run_tasks(self, stage: Stage, tasks: list[Task], what: str | None = None) -> list[str]:
+    def run_tasks(self, stage: Stage, tasks: list[Task], what: str | None = None, bar: str | None = None) -> list[str]:
         """Run ``tasks`` on the executor; every output is written through the store as its task finishes; a task
-        whose outputs are all in the folder already is not run again. Returns the tasks' names in order."""
+        whose outputs are all in the folder already is not run again. Returns the tasks' names in order. With ``bar``
+        (the unit's name, e.g. "piece"), tasks run here (the local executor) on a terminal show a progress bar that
+        names the task running; the tasks' own bars nest below it. Without a terminal, status lines say the same."""
         tag = self.tag(stage.name)
         names = [t.name(tag) for t in tasks]
         todo = [(t, n) for t, n in zip(tasks, names) if not all((self.store.path / f).exists() for f in t.outputs(n))]
@@ -313,8 +315,15 @@ class StageContext:
             env = TaskEnv(self.cfg.model_dump_json(), tag, self.bars, str(self.store.path), stage.inputs(self))
             what = what or stage.name
             done = [0]
+            progress = None
+            if bar and self.bars and self.executor.name == "local":
+                from tqdm.auto import tqdm
+
+                progress = tqdm(total=len(todo), desc=what, unit=bar, leave=False)
 
             def before(task: Task) -> None:
+                if progress is not None:
+                    progress.set_postfix_str(task.key(), refresh=True)
                 if task.checkpoints:  # reserved in the manifest before the task writes it (--force removes it)
                     rel = checkpoint_name(tag, task)
                     self.store.claim(rel)
@@ -326,11 +335,17 @@ class StageContext:
                 done[0] += 1
                 if len(todo) > 1 and self.executor.name == "local":
                     self.note(f"{what}: task {done[0]}/{len(todo)} done")
+                if progress is not None:
+                    progress.update(1)
 
             kw = {}
             if getattr(self.executor, "relays_checkpoints", False):  # tasks that cannot write the run folder
                 kw["checkpoints"] = (self.read_checkpoint, self.write_checkpoint)
-            self.executor.run(env, [t for t, _ in todo], before=before, after=after, **kw)
+            try:
+                self.executor.run(env, [t for t, _ in todo], before=before, after=after, **kw)
+            finally:
+                if progress is not None:
+                    progress.close()
             placed = getattr(self.executor, "placements", None)
             if placed:  # where each task ran (Ray): node, GPUs, device
                 from ..store import json_bytes

@@ -176,44 +176,6 @@ def width_fit_table(widths: pd.DataFrame) -> pd.DataFrame | None:
                          "width_min": [int(g.index.min())], "width_max": [int(g.index.max())]})
 
 
-class _PieceBar:
-    """The local executor with a progress bar over the connect pieces (planes, pairs, paths, widths): the bar names
-    the piece running and advances as each finishes; the pieces' own bars (Bezier, width training) nest below it."""
-
-    def __init__(self, executor, bar):
-        self.executor, self.bar, self.name = executor, bar, executor.name
-
-    def run(self, env, tasks, *, before, after, **kw) -> None:
-        self.bar.reset(total=len(tasks))
-
-        def before_(task) -> None:
-            self.bar.set_postfix_str(task.key(), refresh=True)
-            before(task)
-
-        def after_(task, out) -> None:
-            after(task, out)
-            self.bar.update(1)
-
-        self.executor.run(env, tasks, before=before_, after=after_, **kw)
-
-
-def _run_pieces(stage: Stage, ctx, tasks: list[Task]) -> list[str]:
-    """``ctx.run_tasks`` with a bar over the pieces on a terminal when they run here (the local executor); without
-    a terminal the stage context's status lines (``connect: task i/n done``) say the same."""
-    if not (ctx.bars and ctx.executor.name == "local"):
-        return ctx.run_tasks(stage, tasks)
-    from tqdm.auto import tqdm
-
-    executor = ctx.executor
-    bar = tqdm(total=len(tasks), desc="connect", unit="piece", leave=False)
-    ctx.executor = _PieceBar(executor, bar)
-    try:
-        return ctx.run_tasks(stage, tasks)
-    finally:
-        ctx.executor = executor
-        bar.close()
-
-
 #: the table each kind of piece feeds
 TABLES = {"perm": "perm_barriers", "pair": "pair_barriers", "plane_random": "plane_random",
           "plane_through": "plane_through", "width": "width_barriers"}
@@ -253,7 +215,7 @@ class ConnectStage(Stage):
         if why:
             return {"skipped": why}
         tasks = self.tasks(ctx)
-        names = _run_pieces(self, ctx, tasks)
+        names = ctx.run_tasks(self, tasks, bar="piece")
         store = ctx.store
         got: dict[str, list[pd.DataFrame]] = {}
         for task, name in zip(tasks, names):
